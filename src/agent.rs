@@ -1,0 +1,235 @@
+//! The composition root of `vigil agent`: opens everything that can fail, then runs the
+//! scheduler and the API until SIGTERM or SIGINT.
+//!
+//! Startup order: state directory, persisted lifecycle, TCP listener, admin socket (all
+//! failures here end the agent with a clear error), then the check tasks, the servers,
+//! and READY=1 once the first round of checks has run. SIGHUP reloads the config: an
+//! invalid file is refused and shown in `/health` while the old config keeps running.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::checks::CheckContext;
+use crate::config::{self, Config};
+use crate::http::{self, ApiState};
+use crate::lifecycle;
+use crate::scheduler::Scheduler;
+use crate::state::{Shared, Snapshot};
+use crate::systemd;
+use crate::telemetry::LevelHandle;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory cannot be created or written.
+    #[error("state directory {}: {source}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The persisted lifecycle is unreadable.
+    #[error(transparent)]
+    Lifecycle(#[from] lifecycle::LifecycleError),
+    /// A listener could not be opened.
+    #[error("{what} {addr}: {source}")]
+    Listen {
+        /// "listening on" / "admin socket".
+        what: &'static str,
+        /// The address or path.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+impl AgentError {
+    /// The sysexits code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::StateDir { .. } | AgentError::Lifecycle(_) => crate::exit::CANTCREAT,
+            AgentError::Listen { .. } => crate::exit::UNAVAILABLE,
+            AgentError::Signals(_) => crate::exit::SOFTWARE,
+        }
+    }
+}
+
+/// Opens the state directory (mode 0700), creating it when missing, and proves it writable.
+fn open_state_dir(dir: &Path) -> Result<(), AgentError> {
+    let err = |source| AgentError::StateDir { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let probe = dir.join(".write-probe");
+    crate::durable::write_atomic(&probe, b"").map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)
+}
+
+/// Binds the admin socket with mode 0600. A socket file left by a crashed agent is
+/// replaced; one that a running agent still answers on is an error, not stolen.
+async fn bind_admin(path: &Path) -> Result<UnixListener, AgentError> {
+    let err = |source| AgentError::Listen { what: "admin socket", addr: path.display().to_string(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is answering on this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+fn summary(snap: &Snapshot) -> String {
+    let tripped: Vec<&str> = snap.checks.iter().filter(|c| c.hysteresis.tripped).map(|c| c.name.as_str()).collect();
+    let mut s = format!("{}: {} checks", snap.state(), snap.checks.len());
+    if tripped.is_empty() {
+        s.push_str(", none tripped");
+    } else {
+        s.push_str(&format!(", tripped: {}", tripped.join(", ")));
+    }
+    if snap.config_error.is_some() {
+        s.push_str("; config reload refused");
+    }
+    s
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+///
+/// # Errors
+/// Startup failures only; once running, errors are logged and the agent carries on.
+pub async fn run(config_path: PathBuf, mut config: Config, level: Option<LevelHandle>) -> Result<(), AgentError> {
+    open_state_dir(&config.agent.state_dir)?;
+    let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
+
+    let tcp = TcpListener::bind(config.api.listen).await.map_err(|source| AgentError::Listen {
+        what: "listening on",
+        addr: config.api.listen.to_string(),
+        source,
+    })?;
+    let admin = bind_admin(&config.api.admin_socket).await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+
+    let shared = Arc::new(Shared::new(Snapshot { checks: Vec::new(), lifecycle, config_error: None, first_round_done: false }));
+    let shutdown = CancellationToken::new();
+    let mut scheduler = Scheduler::new(shared.clone(), CheckContext::host(), config.agent.max_concurrent_checks, shutdown.child_token());
+    scheduler.apply(&config);
+
+    let api = Arc::new(ApiState { shared: shared.clone(), state_dir: config.agent.state_dir.clone() });
+    let servers = tokio_util::task::TaskTracker::new();
+    servers.spawn(http::serve_tcp(tcp, api.clone(), config.api.allow.clone(), config.api.max_connections, shutdown.clone()));
+    servers.spawn(http::serve_unix(admin, api, config.api.max_connections, shutdown.clone()));
+    servers.close();
+    info!(listen = %config.api.listen, admin_socket = %config.api.admin_socket.display(), checks = shared.load().checks.len(), "agent started");
+
+    let first_round = scheduler.first_round();
+    tokio::pin!(first_round);
+    let mut ready = false;
+    let watchdog = systemd::watchdog_period();
+    let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(10), |p| p / 2).min(Duration::from_secs(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_status = String::new();
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => {
+                reload(&config_path, &mut config, &mut scheduler, &shared, level.as_ref());
+                let s = summary(&shared.load());
+                systemd::reloaded(&s);
+                last_status = s;
+            }
+            _ = &mut first_round, if !ready => {
+                ready = true;
+                let s = summary(&shared.load());
+                info!(status = %s, "first round of checks done; ready");
+                systemd::ready(&s);
+                last_status = s;
+            }
+            _ = tick.tick() => {
+                let snap = shared.load();
+                // WATCHDOG=1 only while every check is being run on schedule: a wedged
+                // scheduler gets the agent restarted instead of serving old answers.
+                if watchdog.is_some() && snap.is_live(Instant::now()) {
+                    systemd::watchdog();
+                }
+                let s = summary(&snap);
+                if ready && s != last_status {
+                    systemd::status(&s);
+                    last_status = s;
+                }
+            }
+        }
+    }
+
+    systemd::stopping();
+    shutdown.cancel();
+    scheduler.stop().await;
+    servers.wait().await;
+    if let Err(e) = std::fs::remove_file(&config.api.admin_socket) {
+        warn!(error = %e, "removing the admin socket");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Reloads the config from `path`. Checks and remediations take effect at once; keys that
+/// need a restart keep their running values and say so.
+fn reload(path: &Path, running: &mut Config, scheduler: &mut Scheduler, shared: &Shared, level: Option<&LevelHandle>) {
+    let mut new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', "; ");
+            error!(error = %msg, "config reload refused; the running config stays in force");
+            shared.update(|s| s.config_error = Some(msg));
+            return;
+        }
+    };
+    let mut needs_restart = Vec::new();
+    if new.api != running.api {
+        needs_restart.push("[api]");
+        new.api = running.api.clone();
+    }
+    if new.agent.state_dir != running.agent.state_dir {
+        needs_restart.push("agent.state_dir");
+        new.agent.state_dir = running.agent.state_dir.clone();
+    }
+    if new.log.format != running.log.format || new.log.file != running.log.file {
+        needs_restart.push("log.format/log.file");
+        new.log.format = running.log.format;
+        new.log.file = running.log.file.clone();
+    }
+    if !needs_restart.is_empty() {
+        warn!(keys = %needs_restart.join(", "), "these changes take effect only after a restart");
+    }
+    if let Some(h) = level {
+        if let Err(e) = h.set(&new.log.level) {
+            warn!(error = %e, "log level not changed");
+        }
+    }
+    let (added, removed, changed) = scheduler.apply(&new);
+    shared.update(|s| s.config_error = None);
+    info!(added, removed, changed, "config reloaded");
+    *running = new;
+}

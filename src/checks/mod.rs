@@ -1,0 +1,600 @@
+//! Check kinds: one small trait, one file per kind, and a static registry.
+//!
+//! The framework (the scheduler) owns timing, timeouts, failure counting, hysteresis and
+//! publication; a kind only measures. `Err(CheckError)` means "could not measure" and
+//! becomes `unknown`; a bad measurement is an `Ok(Observation)` with a bad status.
+//!
+//! # Adding a check kind
+//! 1. Add `checks/<kind>.rs` with `<Kind>Config` (declared through [`check_config!`]),
+//!    `<Kind>Check` (`from_config`, `impl Check`), its pure `parse_*`/`classify_*`
+//!    functions and their tests.
+//! 2. Add the variant to [`AnyCheck`], the map to [`ChecksConfig`] and the entry to [`KINDS`].
+//! 3. Add an example to `config/vigil.toml`; the example-config test fails until you do.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration as StdDuration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::config::types::{Duration, ThresholdValue};
+
+pub mod disk;
+pub mod process;
+pub mod system;
+pub mod threshold;
+
+pub use threshold::{Direction, Thresholds};
+
+/// The status of one sample. Serialized in lowercase, as the contract names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Measured and within thresholds.
+    Ok,
+    /// Measured at or beyond `warn`.
+    Warning,
+    /// Measured at or beyond `crit`, or a secondary measure that trips by itself.
+    Critical,
+    /// Could not be measured.
+    Unknown,
+}
+
+impl Status {
+    /// The Nagios plugin exit code: 0 ok, 1 warning, 2 critical, 3 unknown.
+    pub fn nagios_code(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Warning => 1,
+            Status::Critical => 2,
+            Status::Unknown => 3,
+        }
+    }
+
+    /// Rank for "the worst status in a streak". Critical ranks above unknown: a check that
+    /// measured a critical value and then failed to measure must not look better than it was.
+    pub fn severity(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Warning => 1,
+            Status::Unknown => 2,
+            Status::Critical => 3,
+        }
+    }
+
+    /// The worse of two statuses by [`Status::severity`].
+    pub fn worse(self, other: Status) -> Status {
+        if other.severity() > self.severity() { other } else { self }
+    }
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warning => "warning",
+            Status::Critical => "critical",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The unit of a kind's primary value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// Bytes.
+    Bytes,
+    /// Seconds.
+    Seconds,
+    /// A ratio between 0 and 1.
+    Ratio,
+    /// A count of things.
+    Count,
+    /// Load average divided by the number of CPUs.
+    Load,
+    /// 0 or 1.
+    Boolean,
+}
+
+impl Unit {
+    /// The name used in `/checks` and the `unit` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Bytes => "bytes",
+            Unit::Seconds => "seconds",
+            Unit::Ratio => "ratio",
+            Unit::Count => "count",
+            Unit::Load => "load",
+            Unit::Boolean => "boolean",
+        }
+    }
+}
+
+/// Prometheus metric type of a [`Metric`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A value that only goes up (events).
+    Counter,
+}
+
+/// One check-specific metric. The framework adds the `check` label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    /// Full metric name, `vigil_<area>_<name>_<unit>`.
+    pub name: &'static str,
+    /// One-line help text.
+    pub help: &'static str,
+    /// Gauge or counter.
+    pub kind: MetricKind,
+    /// Extra labels (bounded values only, never error strings).
+    pub labels: Vec<(&'static str, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+impl Metric {
+    /// A gauge without extra labels.
+    pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
+        Metric { name, help, kind: MetricKind::Gauge, labels: Vec::new(), value }
+    }
+
+    /// A counter without extra labels.
+    pub fn counter(name: &'static str, help: &'static str, value: f64) -> Self {
+        Metric { name, help, kind: MetricKind::Counter, labels: Vec::new(), value }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.labels.push((key, value.into()));
+        self
+    }
+}
+
+/// What one successful measurement found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// The status, including secondary measures that trip by themselves.
+    pub status: Status,
+    /// The primary value in the kind's unit; `None` only when there is nothing to measure.
+    pub value: Option<f64>,
+    /// One line a person can act on.
+    pub message: String,
+    /// Check-specific metrics.
+    pub metrics: Vec<Metric>,
+}
+
+/// Why a check could not measure. Every variant becomes status `unknown`.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// A system call or file read failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Data was read but could not be understood.
+    #[error("{0}")]
+    Parse(String),
+    /// A previous call is still blocked in the kernel and is not re-issued.
+    #[error("{0}")]
+    Stuck(String),
+    /// The run exceeded the check's timeout (set by the scheduler).
+    #[error("timed out after {0:?}")]
+    Timeout(StdDuration),
+    /// A blocking task failed to complete.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CheckError {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CheckError::Io { context: context.into(), source }
+    }
+}
+
+/// Where checks find the host: `/proc` and `/sys` can be pointed at a fixture tree.
+#[derive(Debug, Clone)]
+pub struct CheckContext {
+    /// Root of the proc filesystem (`/proc`).
+    pub proc_root: PathBuf,
+    /// Root of the sys filesystem (`/sys`).
+    pub sys_root: PathBuf,
+}
+
+impl CheckContext {
+    /// The running host.
+    pub fn host() -> Self {
+        CheckContext { proc_root: PathBuf::from("/proc"), sys_root: PathBuf::from("/sys") }
+    }
+}
+
+/// One check kind's measurement.
+pub trait Check: Send {
+    /// Measure once. `Err` means "could not measure"; a bad value is an `Ok` with a bad
+    /// status. `&mut self` lets a kind keep state between runs (history, stuck calls).
+    fn run(&mut self, cx: &CheckContext) -> impl Future<Output = Result<Observation, CheckError>> + Send;
+}
+
+/// Settings every kind accepts, resolved against the agent's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Common {
+    /// How often the check runs.
+    pub interval: StdDuration,
+    /// How long one run may take before it is `unknown`.
+    pub timeout: StdDuration,
+    /// Consecutive non-ok samples before the check trips.
+    pub trip_after: u32,
+    /// Consecutive ok samples before it clears.
+    pub clear_after: u32,
+    /// The remediation to queue when the check trips.
+    pub remediation: Option<String>,
+    /// Whether the check runs.
+    pub enabled: bool,
+    /// An unknown essential check makes the host `uncertain`.
+    pub essential: bool,
+}
+
+/// The longest default timeout; an explicit `timeout` may be longer (up to the interval).
+const DEFAULT_MAX_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
+/// Implemented by every kind's config struct (through [`check_config!`]).
+pub trait KindConfig {
+    /// The threshold type in the kind's unit.
+    type Threshold: ThresholdValue;
+    /// The common keys, resolved against `default_interval`.
+    fn common(&self, default_interval: Duration) -> Common;
+    /// `warn` and `crit` as written (`None` when omitted).
+    fn raw_thresholds(&self) -> (Option<Self::Threshold>, Option<Self::Threshold>);
+    /// `trip_after` and `clear_after` as written.
+    fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>);
+}
+
+/// Resolves the common keys; shared by every kind's generated `common()`.
+#[allow(clippy::too_many_arguments)]
+pub fn resolve_common(
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    trip_after: Option<u32>,
+    clear_after: Option<u32>,
+    remediation: &Option<String>,
+    enabled: Option<bool>,
+    essential: Option<bool>,
+    default_interval: Duration,
+) -> Common {
+    let interval = interval.unwrap_or(default_interval).get();
+    Common {
+        interval,
+        timeout: timeout.map(Duration::get).unwrap_or_else(|| interval.min(DEFAULT_MAX_TIMEOUT)),
+        trip_after: trip_after.unwrap_or(1).max(1),
+        clear_after: clear_after.unwrap_or(1).max(1),
+        remediation: remediation.clone(),
+        enabled: enabled.unwrap_or(true),
+        essential: essential.unwrap_or(false),
+    }
+}
+
+/// Declares a kind's config struct with the keys every kind accepts (`warn`, `crit`,
+/// `interval`, `timeout`, `trip_after`, `clear_after`, `remediation`, `enabled`,
+/// `essential`) followed by the kind's own fields.
+///
+/// The common keys are written into each struct rather than shared through
+/// `#[serde(flatten)]`, because flatten loses the line and column of errors (toml-rs #535).
+#[macro_export]
+macro_rules! check_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident : $threshold:ty {
+            $( $(#[$fmeta:meta])* pub $field:ident : $fty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Warning threshold in the kind's unit.
+            #[serde(default)]
+            pub warn: Option<$threshold>,
+            /// Critical threshold in the kind's unit.
+            #[serde(default)]
+            pub crit: Option<$threshold>,
+            /// How often the check runs (default: `[agent].interval`).
+            #[serde(default)]
+            pub interval: Option<$crate::config::types::Duration>,
+            /// How long one run may take (default: the interval, at most 10s).
+            #[serde(default)]
+            pub timeout: Option<$crate::config::types::Duration>,
+            /// Consecutive non-ok samples before the check trips (default 1).
+            #[serde(default)]
+            pub trip_after: Option<u32>,
+            /// Consecutive ok samples before it clears (default 1).
+            #[serde(default)]
+            pub clear_after: Option<u32>,
+            /// The remediation queued when the check trips.
+            #[serde(default)]
+            pub remediation: Option<String>,
+            /// `false` keeps the check in the file, switched off.
+            #[serde(default)]
+            pub enabled: Option<bool>,
+            /// An unknown essential check makes the host `uncertain`.
+            #[serde(default)]
+            pub essential: Option<bool>,
+            $( $(#[$fmeta])* pub $field : $fty, )*
+        }
+
+        impl $crate::checks::KindConfig for $name {
+            type Threshold = $threshold;
+            fn common(&self, default_interval: $crate::config::types::Duration) -> $crate::checks::Common {
+                $crate::checks::resolve_common(
+                    self.interval,
+                    self.timeout,
+                    self.trip_after,
+                    self.clear_after,
+                    &self.remediation,
+                    self.enabled,
+                    self.essential,
+                    default_interval,
+                )
+            }
+            fn raw_thresholds(&self) -> (Option<$threshold>, Option<$threshold>) {
+                (self.warn, self.crit)
+            }
+            fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>) {
+                (self.trip_after, self.clear_after)
+            }
+        }
+    };
+}
+
+/// Static facts about a kind (ripgrep's `FLAGS` table).
+#[derive(Debug, Clone, Copy)]
+pub struct KindInfo {
+    /// The kind's name, as in `[check.<name>.NAME]`.
+    pub name: &'static str,
+    /// One line about what it measures.
+    pub summary: &'static str,
+    /// The unit of the primary value.
+    pub unit: Unit,
+    /// Which way is worse for `warn`/`crit`.
+    pub direction: Direction,
+}
+
+/// Every kind this build knows, in the order of the contract's table.
+pub const KINDS: &[KindInfo] = &[
+    KindInfo {
+        name: "disk",
+        summary: "used ratio of a filesystem; inodes, read-only mount, predicted time to full",
+        unit: Unit::Ratio,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "process",
+        summary: "count of matching processes against min/max; restarts, RSS, open fds",
+        unit: Unit::Count,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "system",
+        summary: "load per core; memory available, pressure stall, OOM kills",
+        unit: Unit::Load,
+        direction: Direction::HigherIsWorse,
+    },
+];
+
+/// Looks a kind up by name.
+pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// The `[check]` table: one map per kind, from check name to its config, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// `[check.disk.NAME]`
+    #[serde(default)]
+    pub disk: IndexMap<String, disk::DiskConfig>,
+    /// `[check.process.NAME]`
+    #[serde(default)]
+    pub process: IndexMap<String, process::ProcessConfig>,
+    /// `[check.system.NAME]`
+    #[serde(default)]
+    pub system: IndexMap<String, system::SystemConfig>,
+}
+
+/// One configured check of any kind, borrowed from the config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CheckSpec<'a> {
+    /// A `disk` check.
+    Disk(&'a disk::DiskConfig),
+    /// A `process` check.
+    Process(&'a process::ProcessConfig),
+    /// A `system` check.
+    System(&'a system::SystemConfig),
+}
+
+impl CheckSpec<'_> {
+    /// The kind's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CheckSpec::Disk(_) => "disk",
+            CheckSpec::Process(_) => "process",
+            CheckSpec::System(_) => "system",
+        }
+    }
+
+    /// The common keys, resolved.
+    pub fn common(&self, default_interval: Duration) -> Common {
+        match self {
+            CheckSpec::Disk(c) => c.common(default_interval),
+            CheckSpec::Process(c) => c.common(default_interval),
+            CheckSpec::System(c) => c.common(default_interval),
+        }
+    }
+
+    /// `warn` and `crit` in the kind's base unit, as written.
+    pub fn raw_thresholds(&self) -> (Option<f64>, Option<f64>) {
+        fn base<T: ThresholdValue>((w, c): (Option<T>, Option<T>)) -> (Option<f64>, Option<f64>) {
+            (w.map(T::base), c.map(T::base))
+        }
+        match self {
+            CheckSpec::Disk(c) => base(c.raw_thresholds()),
+            CheckSpec::Process(c) => base(c.raw_thresholds()),
+            CheckSpec::System(c) => base(c.raw_thresholds()),
+        }
+    }
+
+    /// `trip_after` and `clear_after` as written.
+    pub fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>) {
+        match self {
+            CheckSpec::Disk(c) => c.raw_hysteresis(),
+            CheckSpec::Process(c) => c.raw_hysteresis(),
+            CheckSpec::System(c) => c.raw_hysteresis(),
+        }
+    }
+
+    /// Kind-specific problems as `(key, message)`; host-dependent facts only when `enabled`.
+    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+        match self {
+            CheckSpec::Disk(c) => validate_disk(c, enabled),
+            CheckSpec::Process(c) => validate_process(c),
+            CheckSpec::System(c) => validate_system(c),
+        }
+    }
+
+    /// Builds the runnable check.
+    pub fn build(&self) -> AnyCheck {
+        match self {
+            CheckSpec::Disk(c) => AnyCheck::Disk(disk::DiskCheck::from_config(c)),
+            CheckSpec::Process(c) => AnyCheck::Process(process::ProcessCheck::from_config(c)),
+            CheckSpec::System(c) => AnyCheck::System(system::SystemCheck::from_config(c)),
+        }
+    }
+}
+
+impl ChecksConfig {
+    /// Every configured check as `(name, spec)`, kinds in [`KINDS`] order, names in file order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, CheckSpec<'_>)> {
+        let disk = self.disk.iter().map(|(n, c)| (n.as_str(), CheckSpec::Disk(c)));
+        let process = self.process.iter().map(|(n, c)| (n.as_str(), CheckSpec::Process(c)));
+        let system = self.system.iter().map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
+        disk.chain(process).chain(system)
+    }
+}
+
+fn validate_disk(c: &disk::DiskConfig, enabled: bool) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    if enabled {
+        if let Err(e) = std::fs::metadata(&c.path) {
+            v.push(("path", format!("{}: {e}", c.path.display())));
+        }
+    }
+    v
+}
+
+fn validate_process(c: &process::ProcessConfig) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    match (&c.name, &c.pidfile) {
+        (None, None) => v.push(("name", "set either `name` (the process's comm) or `pidfile`".into())),
+        (Some(_), Some(_)) => v.push(("pidfile", "set `name` or `pidfile`, not both".into())),
+        (Some(n), None) if n.is_empty() || n.len() > 15 => {
+            v.push(("name", format!("{n:?} cannot match: a comm is 1 to 15 characters")))
+        }
+        _ => {}
+    }
+    if let (Some(min), Some(max)) = (c.min, c.max) {
+        if min > max {
+            v.push(("max", format!("max ({max}) is less than min ({min})")));
+        }
+    }
+    v
+}
+
+fn validate_system(c: &system::SystemConfig) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    if !Thresholds::lower(c.mem_warn.map(|r| r.0), c.mem_crit.map(|r| r.0)).is_ordered() {
+        v.push(("mem_crit", "mem_warn must not be less than mem_crit (lower is worse)".into()));
+    }
+    v
+}
+
+/// A runnable check of any kind (the registry's enum; mini-redis's `Command`).
+pub enum AnyCheck {
+    /// See [`disk`].
+    Disk(disk::DiskCheck),
+    /// See [`process`].
+    Process(process::ProcessCheck),
+    /// See [`system`].
+    System(system::SystemCheck),
+}
+
+impl AnyCheck {
+    /// The kind's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyCheck::Disk(_) => "disk",
+            AnyCheck::Process(_) => "process",
+            AnyCheck::System(_) => "system",
+        }
+    }
+
+    /// Measures once.
+    pub async fn run(&mut self, cx: &CheckContext) -> Result<Observation, CheckError> {
+        match self {
+            AnyCheck::Disk(c) => c.run(cx).await,
+            AnyCheck::Process(c) => c.run(cx).await,
+            AnyCheck::System(c) => c.run(cx).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_are_unique_and_well_formed() {
+        let mut seen = std::collections::HashSet::new();
+        for k in KINDS {
+            assert!(seen.insert(k.name), "duplicate kind {}", k.name);
+            assert!(k.name.len() <= 32);
+            assert!(k.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+        }
+    }
+
+    #[test]
+    fn every_kind_parses_from_a_minimal_table_and_agrees_with_the_registry() {
+        let minimal = |kind: &str| match kind {
+            "disk" => "path = \"/\"",
+            "process" => "name = \"init\"",
+            _ => "",
+        };
+        for k in KINDS {
+            let doc = format!("[{}.x]\n{}\n", k.name, minimal(k.name));
+            let cfg: ChecksConfig = toml::from_str(&doc).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+            let specs: Vec<_> = cfg.iter().collect();
+            assert_eq!(specs.len(), 1, "{}", k.name);
+            assert_eq!(specs[0].1.kind(), k.name);
+            assert_eq!(specs[0].1.build().kind(), k.name);
+        }
+    }
+
+    #[test]
+    fn severity_ranks_critical_above_unknown() {
+        assert_eq!(Status::Unknown.worse(Status::Critical), Status::Critical);
+        assert_eq!(Status::Ok.worse(Status::Warning), Status::Warning);
+        assert_eq!(Status::Unknown.nagios_code(), 3);
+    }
+}

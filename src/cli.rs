@@ -1,0 +1,197 @@
+//! The command line (clap derive) and the formatting of its output.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::checks::Unit;
+
+/// vigil: an on-host health agent for database fleets.
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The config file option shared by the subcommands.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Config file [default: $VIGIL_CONFIG, then /etc/vigil/vigil.toml]
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Where to reach a running agent.
+#[derive(Debug, Args, Clone)]
+pub struct TargetArgs {
+    /// The agent's HTTP address, e.g. http://127.0.0.1:9797
+    #[arg(long, value_name = "URL", conflicts_with = "socket")]
+    pub url: Option<String>,
+    /// The agent's admin socket
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Agent {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run the configured checks once and print the results (Nagios exit codes).
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the JSON array of /checks instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only these checks (a disabled check runs when named).
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Validate a config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Ask a running agent for its state.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the /health document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read or set the operator lifecycle state.
+    Lifecycle {
+        #[command(subcommand)]
+        command: LifecycleCommand,
+    },
+}
+
+/// `vigil config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config without running anything (exit 0 valid, 78 invalid).
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// `vigil lifecycle …`
+#[derive(Debug, Subcommand)]
+pub enum LifecycleCommand {
+    /// Print the lifecycle state.
+    Get {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's admin socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Set the lifecycle state (legal transitions only).
+    Set {
+        /// installing, available, upgrading, restart, retiring or retired
+        state: String,
+        /// Why (recorded with the state).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's admin socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+}
+
+/// A value in its unit, for people: `43.2%`, `12.0 MiB`, `3.2s`.
+pub fn format_value(unit: Unit, v: Option<f64>) -> String {
+    let Some(v) = v else { return "-".into() };
+    match unit {
+        Unit::Ratio => format!("{:.1}%", v * 100.0),
+        Unit::Bytes => format_bytes(v),
+        Unit::Seconds => format_seconds(v),
+        Unit::Count | Unit::Boolean => format!("{v:.0}"),
+        Unit::Load => format!("{v:.2}"),
+    }
+}
+
+/// Bytes with binary units.
+pub fn format_bytes(v: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut x = v;
+    let mut i = 0;
+    while x.abs() >= 1024.0 && i + 1 < UNITS.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{x:.0} B") } else { format!("{x:.1} {}", UNITS[i]) }
+}
+
+/// Seconds as the largest sensible unit.
+pub fn format_seconds(v: f64) -> String {
+    match v.abs() {
+        s if s < 1.0 => format!("{:.0}ms", v * 1000.0),
+        s if s < 120.0 => format!("{v:.1}s"),
+        s if s < 7200.0 => format!("{:.1}m", v / 60.0),
+        s if s < 172_800.0 => format!("{:.1}h", v / 3600.0),
+        _ => format!("{:.1}d", v / 86400.0),
+    }
+}
+
+/// Renders rows as left-aligned columns separated by two spaces; the last column is free.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, cell) in r.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_formatted_in_their_unit() {
+        assert_eq!(format_value(Unit::Ratio, Some(0.432)), "43.2%");
+        assert_eq!(format_value(Unit::Bytes, Some(12.0 * 1024.0 * 1024.0)), "12.0 MiB");
+        assert_eq!(format_value(Unit::Seconds, Some(3.2)), "3.2s");
+        assert_eq!(format_value(Unit::Count, None), "-");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&[vec!["a".into(), "bbb".into(), "x".into()], vec!["cc".into(), "d".into(), "y".into()]]);
+        assert_eq!(t, "a   bbb  x\ncc  d    y\n");
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

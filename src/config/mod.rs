@@ -1,0 +1,418 @@
+//! The agent's configuration: TOML deserialized into typed values, then validated.
+//!
+//! Validation happens in layers, each as close to the parser as possible:
+//! 1. syntax and types: the toml crate, with the value's span;
+//! 2. single values: the newtypes of [`types`] validate while deserializing;
+//! 3. relations between keys (names, threshold order, references): [`Config::validate`],
+//!    which collects every problem at once;
+//! 4. host-dependent facts (a disk check's path exists) for enabled checks only.
+//!
+//! Every struct denies unknown keys, so a typo is an error, never silently ignored.
+//! Relative paths are resolved against the config file's directory.
+
+pub mod error;
+pub mod types;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub use error::{ConfigError, Problem};
+use types::Duration;
+
+use crate::checks::{self, ChecksConfig, Thresholds};
+use crate::lifecycle::Lifecycle;
+
+/// Where the config is read from when no `-c` is given and `$VIGIL_CONFIG` is unset.
+pub const DEFAULT_PATH: &str = "/etc/vigil/vigil.toml";
+
+/// The whole agent config.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[agent]`
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// `[api]`
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[log]`
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[automation]`
+    #[serde(default)]
+    pub automation: AutomationConfig,
+    /// `[check.KIND.NAME]`
+    #[serde(default)]
+    pub check: ChecksConfig,
+    /// `[remediation.NAME]`
+    #[serde(default)]
+    pub remediation: IndexMap<String, RemediationConfig>,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// `"auto"` reads `/etc/machine-id`.
+    pub host_id: String,
+    /// Sequence counter, spool, audit log, lifecycle, cooldowns.
+    pub state_dir: PathBuf,
+    /// Default check interval.
+    pub interval: Duration,
+    /// The lifecycle of a fresh `state_dir`.
+    pub initial_lifecycle: Lifecycle,
+    /// Carried in every heartbeat.
+    pub labels: IndexMap<String, String>,
+    /// How many checks may run at the same time.
+    pub max_concurrent_checks: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            host_id: "auto".into(),
+            state_dir: PathBuf::from("/var/lib/vigil"),
+            interval: Duration::from_secs(10),
+            initial_lifecycle: Lifecycle::Available,
+            labels: IndexMap::new(),
+            max_concurrent_checks: 4,
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The read-only TCP listener.
+    pub listen: SocketAddr,
+    /// Source networks the TCP listener answers.
+    pub allow: Vec<AllowNet>,
+    /// The admin Unix socket (mode 0600).
+    pub admin_socket: PathBuf,
+    /// Most connections served at once on each listener.
+    pub max_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9797)),
+            allow: vec![
+                AllowNet(IpNet::V4(ipnet::Ipv4Net::new_assert([127, 0, 0, 0].into(), 8))),
+                AllowNet(IpNet::V6(ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::LOCALHOST, 128))),
+            ],
+            admin_socket: PathBuf::from("/run/vigil/admin.sock"),
+            max_connections: 256,
+        }
+    }
+}
+
+/// A network in `[api].allow`: `"10.0.0.0/8"`, or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowNet(pub IpNet);
+
+impl AllowNet {
+    /// Whether `ip` is inside. IPv4-mapped IPv6 peers are compared as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.contains(&ip)
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(n) = s.parse::<IpNet>() {
+            return Ok(AllowNet(n));
+        }
+        s.parse::<IpAddr>()
+            .map(|a| AllowNet(IpNet::from(a)))
+            .map_err(|_| serde::de::Error::custom(format!("invalid network {s:?}: expected an address or CIDR such as \"10.0.0.0/8\"")))
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (journald adds the timestamp).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `"info"` or `"vigil=debug"`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `"text"` or `"json"`.
+    pub format: LogFormat,
+    /// Also write to this file, rotated daily (the directory must exist).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text, file: None }
+    }
+}
+
+/// `[automation]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutomationConfig {
+    /// Remediation scripts must live here.
+    pub dir: PathBuf,
+    /// Record what would run, run nothing.
+    pub dry_run: bool,
+}
+
+impl Default for AutomationConfig {
+    fn default() -> Self {
+        AutomationConfig { dir: PathBuf::from("/etc/vigil/remediations.d"), dry_run: false }
+    }
+}
+
+/// `[remediation.NAME]`: a pre-approved script.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemediationConfig {
+    /// The script, under `[automation].dir`.
+    pub script: PathBuf,
+    /// The SHA-256 the script must hash to (64 hex digits).
+    pub sha256: String,
+    /// Fixed arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The user it runs as.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Killed (with its process group) after this long.
+    #[serde(default = "default_remediation_timeout")]
+    pub timeout: Duration,
+    /// Least time between two runs.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Duration,
+    /// Most runs within `per`.
+    #[serde(default = "default_max_runs")]
+    pub max_runs: u32,
+    /// The window of `max_runs`.
+    #[serde(default = "default_per")]
+    pub per: Duration,
+    /// Sample the check again this long after a zero exit.
+    #[serde(default = "default_verify_after")]
+    pub verify_after: Duration,
+    /// `false` keeps it in the file, switched off.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+fn default_remediation_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_max_runs() -> u32 {
+    3
+}
+fn default_per() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_verify_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The path of the config to use: `-c`, then `$VIGIL_CONFIG`, then [`DEFAULT_PATH`].
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("VIGIL_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Reads, parses and validates a config file.
+///
+/// # Errors
+/// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
+/// problem found otherwise.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let doc = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse(path, &doc)
+}
+
+/// Parses and validates config text read from `path`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] with every problem found.
+pub fn parse(path: &Path, doc: &str) -> Result<Config, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
+    let mut config: Config = toml::from_str(doc).map_err(|e| invalid(vec![error::from_toml(doc, &e)]))?;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    config.resolve_paths(base);
+    let problems = config.validate(doc);
+    if problems.is_empty() { Ok(config) } else { Err(invalid(problems)) }
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() && !p.as_os_str().is_empty() {
+        *p = normalize(&base.join(&*p));
+    }
+}
+
+/// Removes `.` and `a/..` lexically so paths in messages read naturally
+/// (`target/x`, not `config/../target/x`). Symlinks are not consulted: a config
+/// directory reached through a symlink resolves the same way a shell's `cd` would.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+}
+
+impl Config {
+    fn resolve_paths(&mut self, base: &Path) {
+        resolve(base, &mut self.agent.state_dir);
+        resolve(base, &mut self.api.admin_socket);
+        resolve(base, &mut self.automation.dir);
+        if let Some(f) = self.log.file.as_mut() {
+            resolve(base, f);
+        }
+        for r in self.remediation.values_mut() {
+            resolve(base, &mut r.script);
+        }
+        for c in self.check.disk.values_mut() {
+            resolve(base, &mut c.path);
+        }
+        for c in self.check.process.values_mut() {
+            if let Some(p) = c.pidfile.as_mut() {
+                resolve(base, p);
+            }
+        }
+    }
+
+    /// Checks relations between keys; returns every problem, in document order.
+    pub fn validate(&self, doc: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut add = |key: &[&str], msg: String| problems.push(error::at_key(doc, key, msg));
+
+        if self.agent.interval.get().is_zero() {
+            add(&["agent", "interval"], "must be greater than zero".into());
+        }
+        if self.agent.max_concurrent_checks == 0 {
+            add(&["agent", "max_concurrent_checks"], "must be at least 1".into());
+        }
+        if self.agent.host_id.trim().is_empty() {
+            add(&["agent", "host_id"], "must not be empty (use \"auto\" for /etc/machine-id)".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            add(&["log", "level"], format!("invalid log filter {:?}: {e}", self.log.level));
+        }
+        if self.api.max_connections == 0 {
+            add(&["api", "max_connections"], "must be at least 1".into());
+        }
+
+        let mut seen: IndexMap<&str, &str> = IndexMap::new();
+        for (name, spec) in self.check.iter() {
+            let kind = spec.kind();
+            let kind_path: Vec<&str> = kind.split('.').collect();
+            let key = |leaf: Option<&'static str>| -> Vec<&str> {
+                let mut k = vec!["check"];
+                k.extend(&kind_path);
+                k.push(name);
+                k.extend(leaf);
+                k
+            };
+            if !is_valid_name(name) {
+                add(&key(None), format!("invalid check name {name:?}: use lowercase letters, digits, '-' and '_'"));
+            }
+            if let Some(other) = seen.insert(name, kind) {
+                add(&key(None), format!("duplicate check name {name:?} (also a {other} check); names are unique across kinds"));
+            }
+            let common = spec.common(self.agent.interval);
+            if common.interval.is_zero() {
+                add(&key(Some("interval")), "must be greater than zero".into());
+            }
+            if common.timeout.is_zero() {
+                add(&key(Some("timeout")), "must be greater than zero".into());
+            }
+            let (trip_after, clear_after) = spec.raw_hysteresis();
+            for (leaf, raw) in [("trip_after", trip_after), ("clear_after", clear_after)] {
+                if raw == Some(0) {
+                    add(&key(Some(leaf)), "must be at least 1".into());
+                }
+            }
+            if let Some(r) = &common.remediation {
+                if !self.remediation.contains_key(r) {
+                    add(&key(Some("remediation")), format!("unknown remediation {r:?} (no [remediation.{r}])"));
+                }
+            }
+            if let Some(info) = checks::kind_info(kind) {
+                let (warn, crit) = spec.raw_thresholds();
+                let t = Thresholds { warn, crit, direction: info.direction };
+                if !t.is_ordered() {
+                    let order = match info.direction {
+                        checks::Direction::HigherIsWorse => "warn must not be greater than crit (higher is worse for this kind)",
+                        checks::Direction::LowerIsWorse => "warn must not be less than crit (lower is worse for this kind)",
+                    };
+                    add(&key(Some("crit")), order.into());
+                }
+            }
+            for (leaf, msg) in spec.validate(common.enabled) {
+                add(&key(Some(leaf)), msg);
+            }
+        }
+
+        for (name, r) in &self.remediation {
+            let key = |leaf: &'static str| ["remediation", name.as_str(), leaf];
+            if !is_valid_name(name) {
+                add(&["remediation", name], format!("invalid remediation name {name:?}: use lowercase letters, digits, '-' and '_'"));
+            }
+            if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                add(&key("sha256"), "must be 64 hex digits (print it with `vigil approve FILE`)".into());
+            }
+            if r.max_runs == 0 {
+                add(&key("max_runs"), "must be at least 1".into());
+            }
+            if r.timeout.get().is_zero() {
+                add(&key("timeout"), "must be greater than zero".into());
+            }
+        }
+        problems.sort_by_key(|p| (p.line, p.column));
+        problems
+    }
+
+    /// The enabled checks, in config order.
+    pub fn enabled_checks(&self) -> impl Iterator<Item = (&str, checks::CheckSpec<'_>)> {
+        let d = self.agent.interval;
+        self.check.iter().filter(move |(_, s)| s.common(d).enabled)
+    }
+}
+
+
+/// Check and remediation names: `[a-z0-9_-]+`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}

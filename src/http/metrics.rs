@@ -1,0 +1,139 @@
+//! `GET /metrics`: Prometheus text format 0.0.4, rendered from the cached snapshot.
+//!
+//! A scrape never runs a check (that would couple Prometheus load to PostgreSQL load); it
+//! turns the newest results into metric families and hands them to the `prometheus`
+//! crate's text encoder, which does the escaping and the format. Families are sorted by
+//! name so the output is stable.
+//!
+//! Per check (label `check` and `kind`):
+//! - `vigil_check_status`: 0 ok, 1 warning, 2 critical, 3 unknown (the Nagios encoding);
+//! - `vigil_check_success`: 1 when the newest run measured, 0 when it could not;
+//! - `vigil_check_tripped`, `vigil_check_duration_seconds`,
+//!   `vigil_check_last_run_timestamp_seconds`, `vigil_check_value` (with `unit`);
+//! - `vigil_check_runs_total`, `vigil_check_failures_total`;
+//! - every metric the kind itself reports, with the `check` label added.
+//!
+//! Agent: `vigil_build_info{version}` (always 1), `vigil_host_state{state}` (1 for the
+//! reported state), `vigil_config_last_reload_successful`.
+
+use std::collections::BTreeMap;
+use std::time::UNIX_EPOCH;
+
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric as PMetric, MetricFamily, MetricType};
+
+use crate::checks::MetricKind;
+use crate::lifecycle::HostState;
+use crate::state::Snapshot;
+
+const ALL_STATES: [HostState; 10] = [
+    HostState::Installing,
+    HostState::Available,
+    HostState::Uncertain,
+    HostState::Unavailable,
+    HostState::Retiring,
+    HostState::Retired,
+    HostState::Archived,
+    HostState::Terminated,
+    HostState::Restart,
+    HostState::Upgrading,
+];
+
+#[derive(Default)]
+struct Families {
+    map: BTreeMap<&'static str, MetricFamily>,
+}
+
+impl Families {
+    fn add(&mut self, name: &'static str, help: &'static str, kind: MetricKind, labels: &[(&str, &str)], value: f64) {
+        let fam = self.map.entry(name).or_insert_with(|| {
+            let mut f = MetricFamily::default();
+            f.set_name(name.to_string());
+            f.set_help(help.to_string());
+            f.set_field_type(match kind {
+                MetricKind::Gauge => MetricType::GAUGE,
+                MetricKind::Counter => MetricType::COUNTER,
+            });
+            f
+        });
+        let mut m = PMetric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        // A family's type is fixed by its first sample; a kind that reported one name with
+        // two types would otherwise produce an invalid exposition.
+        match fam.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+        }
+        fam.mut_metric().push(m);
+    }
+}
+
+/// Renders the snapshot as Prometheus text format 0.0.4.
+pub fn render(snap: &Snapshot) -> String {
+    let mut f = Families::default();
+    use MetricKind::{Counter as C, Gauge as G};
+
+    f.add("vigil_build_info", "vigil's version; always 1.", G, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    let state = snap.state();
+    for s in ALL_STATES {
+        f.add("vigil_host_state", "The reported host state: 1 for the current one.", G, &[("state", s.as_str())], f64::from(u8::from(s == state)));
+    }
+    f.add(
+        "vigil_config_last_reload_successful",
+        "0 when the last reload was refused and an older config is running.",
+        G,
+        &[],
+        f64::from(u8::from(snap.config_error.is_none())),
+    );
+
+    for c in &snap.checks {
+        let l: &[(&str, &str)] = &[("check", &c.name), ("kind", c.kind)];
+        f.add("vigil_check_runs_total", "Runs of the check.", C, l, c.runs as f64);
+        f.add("vigil_check_failures_total", "Runs that could not measure (error or timeout).", C, l, c.failures as f64);
+        let Some(at) = c.sampled_at else { continue };
+        f.add("vigil_check_status", "Newest status: 0 ok, 1 warning, 2 critical, 3 unknown.", G, l, f64::from(c.status.nagios_code()));
+        f.add("vigil_check_success", "1 when the newest run measured, 0 when it could not.", G, l, f64::from(u8::from(c.success)));
+        f.add("vigil_check_tripped", "1 while the check is tripped (after trip_after non-ok samples).", G, l, f64::from(u8::from(c.hysteresis.tripped)));
+        f.add("vigil_check_duration_seconds", "How long the newest run took.", G, l, c.duration.as_secs_f64());
+        let ts = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        f.add("vigil_check_last_run_timestamp_seconds", "When the newest run started, in Unix seconds.", G, l, ts);
+        if let Some(v) = c.value {
+            f.add(
+                "vigil_check_value",
+                "The check's primary value in its unit.",
+                G,
+                &[("check", &c.name), ("kind", c.kind), ("unit", c.unit.as_str())],
+                v,
+            );
+        }
+        for m in &c.metrics {
+            let mut labels: Vec<(&str, &str)> = vec![("check", &c.name)];
+            labels.extend(m.labels.iter().map(|(k, v)| (*k, v.as_str())));
+            f.add(m.name, m.help, m.kind, &labels, m.value);
+        }
+    }
+
+    let families: Vec<MetricFamily> = f.map.into_values().collect();
+    let mut out = String::with_capacity(4096);
+    // Every family above has at least one sample and a name, which is all the encoder
+    // checks, so this cannot fail; an empty answer would still be valid exposition.
+    let _ = prometheus::TextEncoder::new().encode_utf8(&families, &mut out);
+    out
+}

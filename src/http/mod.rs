@@ -1,0 +1,224 @@
+//! The local HTTP API on hyper 1.x: a read-only TCP listener and the admin Unix socket.
+//!
+//! Endpoints (both listeners; answers come from the cached snapshot, never a check run):
+//! - `GET /health`: 200 when the reported state is `available`, else 503 (also 503
+//!   `starting` before the first round, 503 `stale` when samples are older than three
+//!   intervals);
+//! - `GET /health/live`, `GET /liveness`: 200 while the scheduler makes progress;
+//! - `GET /checks`, `GET /checks/NAME`: check objects;
+//! - `GET /metrics`: Prometheus text format 0.0.4.
+//!
+//! Admin socket only, from a peer whose uid (SO_PEERCRED) is root or the agent's own:
+//! - `POST /lifecycle` `{"state","reason"}`.
+//!
+//! TCP peers outside `[api].allow` get 403; methods other than GET/HEAD/OPTIONS get 405.
+//! Each listener caps concurrent connections and bounds how long a client may take to send
+//! its headers, so a slow or hostile client cannot pin the agent's memory or tasks.
+
+pub mod metrics;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::AllowNet;
+pub use routes::{Access, ApiState};
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request body read (admin requests are a few hundred bytes).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long shutdown waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+async fn serve_conn<S>(api: Arc<ApiState>, access: Access, io: S, graceful: &GracefulShutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(dispatch(&api, access, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+async fn dispatch(api: &ApiState, access: Access, req: Request<Incoming>) -> routes::Resp {
+    let (parts, body) = req.into_parts();
+    let body = if access == Access::Admin && parts.method == hyper::Method::POST {
+        match Limited::new(body, MAX_BODY_BYTES).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return routes::error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or unreadable", "bad_request", json!({}));
+            }
+        }
+    } else {
+        Bytes::new()
+    };
+    routes::handle(api, access, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+}
+
+fn forbidden(reason: &str) -> routes::Resp {
+    routes::error(StatusCode::FORBIDDEN, "forbidden", reason, json!({}))
+}
+
+/// Serves the read-only API on `listener` until `cancel`, then drains connections.
+pub async fn serve_tcp(listener: TcpListener, api: Arc<ApiState>, allow: Vec<AllowNet>, max_conns: usize, cancel: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { accept_error(e).await; continue; }
+            },
+        };
+        let access = if allow.iter().any(|n| n.contains(peer.ip())) { Some(Access::ReadOnly) } else { None };
+        let api = api.clone();
+        match access {
+            Some(a) => serve_conn(api, a, PermitIo::new(stream, permit), &graceful).await,
+            None => {
+                debug!(%peer, "refusing a source outside [api].allow");
+                serve_forbidden(PermitIo::new(stream, permit), "source address not in [api].allow", &graceful).await;
+            }
+        }
+    }
+    drain(graceful).await;
+}
+
+/// Serves the admin API on `listener` until `cancel`. Peers whose uid is neither root nor
+/// the agent's own get 403 on every request.
+pub async fn serve_unix(listener: UnixListener, api: Arc<ApiState>, max_conns: usize, cancel: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
+    let own_uid = nix::unistd::geteuid().as_raw();
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { accept_error(e).await; continue; }
+            },
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let trusted = matches!(uid, Some(u) if u == 0 || u == own_uid);
+        if trusted {
+            serve_conn(api.clone(), Access::Admin, PermitIo::new(stream, permit), &graceful).await;
+        } else {
+            warn!(peer_uid = ?uid, "admin socket: refusing a peer that is neither root nor the agent's user");
+            serve_forbidden(PermitIo::new(stream, permit), "peer uid not allowed on the admin socket", &graceful).await;
+        }
+    }
+    drain(graceful).await;
+}
+
+/// Answers every request on the connection with 403 and `reason`.
+async fn serve_forbidden<S>(io: S, reason: &'static str, graceful: &GracefulShutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |_req: Request<Incoming>| async move { Ok::<_, Infallible>(forbidden(reason)) });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), svc);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+}
+
+async fn drain(graceful: GracefulShutdown) {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        debug!("closing connections still open after the shutdown grace");
+    }
+}
+
+/// Accept errors: a peer that went away is routine; running out of descriptors or memory
+/// is logged and retried after a pause instead of spinning.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock => {}
+        _ => {
+            warn!(error = %e, "accept failed; pausing");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that holds a connection-limit permit for as long as it lives.
+    struct PermitIo<S> {
+        #[pin]
+        inner: S,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+}
+
+impl<S> PermitIo<S> {
+    fn new(inner: S, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        PermitIo { inner, _permit: permit }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for PermitIo<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for PermitIo<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,231 @@
+//! Routing and handlers: `match (method, path)` over the cached snapshot.
+//!
+//! Handlers never run a check; they read the newest [`Snapshot`]. `HEAD` and `OPTIONS`
+//! answer the status `GET` would, without a body (HAProxy's `option httpchk OPTIONS /primary`
+//! relies on that). Mutating endpoints exist only on the admin socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::metrics;
+use crate::checks::Status;
+use crate::lifecycle::{self, HostState, Lifecycle, LifecycleError};
+use crate::state::{CheckView, Shared, Snapshot};
+
+/// What a listener lets its peers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The TCP listener: reads only.
+    ReadOnly,
+    /// The admin socket, peer verified: reads and the mutating endpoints.
+    Admin,
+}
+
+/// Everything handlers need.
+pub struct ApiState {
+    /// The published state.
+    pub shared: Arc<Shared>,
+    /// Where the lifecycle is persisted.
+    pub state_dir: PathBuf,
+}
+
+/// The response type of every handler.
+pub type Resp = Response<Full<Bytes>>;
+
+const ALLOWED_READ: &str = "GET, HEAD, OPTIONS";
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+/// An error answer: `{"error": ..., "reason": ...}` plus any extra keys.
+pub fn error(status: StatusCode, message: &str, reason: &str, extra: Value) -> Resp {
+    let mut v = json!({ "error": message, "reason": reason });
+    if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    json_resp(status, &v)
+}
+
+/// Answers one request. `body` is the request body (read by the caller, bounded).
+pub fn handle(api: &ApiState, access: Access, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Resp {
+    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if !read {
+        if access == Access::Admin && *method == Method::POST {
+            return handle_post(api, path, body);
+        }
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method", json!({}));
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static(ALLOWED_READ));
+        return r;
+    }
+    let snap = api.shared.load();
+    let mut resp = handle_get(&snap, path, query);
+    if *method != Method::GET {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+fn handle_get(snap: &Snapshot, path: &str, _query: Option<&str>) -> Resp {
+    let now = Instant::now();
+    match path {
+        "/health" => health(snap, now),
+        "/health/live" | "/liveness" => liveness(snap, now),
+        "/checks" => {
+            let v: Vec<Value> = snap.checks.iter().map(|c| check_json(c)).collect();
+            json_resp(StatusCode::OK, &Value::Array(v))
+        }
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(snap)),
+        p => match p.strip_prefix("/checks/").and_then(|n| snap.check(n)) {
+            Some(c) => json_resp(StatusCode::OK, &check_json(c)),
+            None if p.starts_with("/checks/") => {
+                error(StatusCode::NOT_FOUND, "no such check", "not_found", json!({}))
+            }
+            None => error(StatusCode::NOT_FOUND, "no such endpoint", "not_found", json!({ "path": p })),
+        },
+    }
+}
+
+fn rfc3339(t: Option<SystemTime>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(lifecycle::rfc3339(t)))
+}
+
+/// One check as `/checks` and `vigil check --json` show it.
+pub fn check_json(c: &CheckView) -> Value {
+    json!({
+        "name": c.name,
+        "kind": c.kind,
+        "status": c.status,
+        "tripped": c.hysteresis.tripped,
+        "value": c.value,
+        "unit": c.unit.as_str(),
+        "message": c.message,
+        "since": rfc3339(c.since),
+        "sampled_at": rfc3339(c.sampled_at),
+        "streak": c.hysteresis.streak,
+    })
+}
+
+/// The `/health` document (also what `vigil status` prints).
+pub fn health_json(snap: &Snapshot, now: Instant) -> Value {
+    let mut counts = serde_json::Map::new();
+    for s in [Status::Ok, Status::Warning, Status::Critical, Status::Unknown] {
+        let n = snap.checks.iter().filter(|c| c.sampled_at.is_some() && c.status == s).count();
+        counts.insert(s.as_str().into(), json!(n));
+    }
+    let tripped: Vec<&str> = snap.checks.iter().filter(|c| c.hysteresis.tripped).map(|c| c.name.as_str()).collect();
+    json!({
+        "state": snap.state(),
+        "health": snap.health(),
+        "lifecycle": snap.lifecycle.state,
+        "counts": counts,
+        "tripped": tripped,
+        "stale": !snap.stale(now).is_empty(),
+        "automation": { "paused": false, "reason": null, "until": null, "escalated": [] },
+        "heartbeat": { "last_success": null, "spooled": 0, "rejected": false },
+        "config_error": snap.config_error,
+    })
+}
+
+fn health(snap: &Snapshot, now: Instant) -> Resp {
+    let mut v = health_json(snap, now);
+    let stale = snap.stale(now);
+    let (code, reason, message) = if !snap.first_round_done {
+        (StatusCode::SERVICE_UNAVAILABLE, Some("starting".to_string()), "the first round of checks has not finished".to_string())
+    } else if !stale.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, Some("stale".into()), format!("samples are stale: {}", stale.join(", ")))
+    } else if snap.state() != HostState::Available {
+        (StatusCode::SERVICE_UNAVAILABLE, Some(snap.state().as_str().to_string()), format!("host is {}", snap.state()))
+    } else {
+        (StatusCode::OK, None, String::new())
+    };
+    if let (Some(reason), Some(obj)) = (reason, v.as_object_mut()) {
+        obj.insert("error".into(), json!(message));
+        obj.insert("reason".into(), json!(reason));
+    }
+    json_resp(code, &v)
+}
+
+fn liveness(snap: &Snapshot, now: Instant) -> Resp {
+    if snap.is_live(now) {
+        json_resp(StatusCode::OK, &json!({ "live": true }))
+    } else {
+        let overdue: Vec<&str> = snap.checks.iter().filter(|c| c.is_overdue(now)).map(|c| c.name.as_str()).collect();
+        error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not making progress", "overdue", json!({ "live": false, "overdue": overdue }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LifecycleRequest {
+    state: String,
+    reason: String,
+}
+
+fn handle_post(api: &ApiState, path: &str, body: &[u8]) -> Resp {
+    match path {
+        "/lifecycle" => set_lifecycle(api, body),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint", "not_found", json!({ "path": path })),
+    }
+}
+
+fn set_lifecycle(api: &ApiState, body: &[u8]) -> Resp {
+    let req: LifecycleRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}"), "bad_request", json!({})),
+    };
+    if req.reason.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a reason is required", "bad_request", json!({}));
+    }
+    let to: Lifecycle = match req.state.parse() {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e, "bad_request", json!({})),
+    };
+    // Under the writer lock, so two concurrent requests cannot both pass the table check
+    // against the same old state.
+    let result = api.shared.update(|s| {
+        let from = s.lifecycle.state;
+        lifecycle::transition(&api.state_dir, from, to, &req.reason).map(|rec| {
+            s.lifecycle = rec.clone();
+            (from, rec)
+        })
+    });
+    match result {
+        Ok((from, rec)) => {
+            info!(from = %from, to = %rec.state, reason = %rec.reason, "lifecycle changed");
+            json_resp(StatusCode::OK, &json!({ "state": rec.state, "previous": from, "reason": rec.reason, "changed_at": rec.changed_at }))
+        }
+        Err(LifecycleError::Illegal { from, to }) => {
+            let legal: Vec<&str> = from.legal_next().iter().map(|l| l.as_str()).collect();
+            error(
+                StatusCode::CONFLICT,
+                &format!("illegal transition from {from} to {to}"),
+                "illegal_transition",
+                json!({ "from": from, "to": to, "legal": legal }),
+            )
+        }
+        Err(e) => {
+            warn!(error = %e, "lifecycle change not persisted");
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "persist", json!({}))
+        }
+    }
+}

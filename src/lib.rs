@@ -1,0 +1,27 @@
+//! vigil: an on-host health agent for database fleets.
+//!
+//! The map of the crate:
+//! - [`cli`]: the command line; [`exit`]: exit codes;
+//! - [`config`]: the TOML config, its value types and its errors;
+//! - [`checks`]: the `Check` trait, the registry of kinds, one module per kind;
+//! - [`scheduler`]: runs the checks on their intervals and publishes into [`state`];
+//! - [`state`]: each check's newest result, hysteresis, and the derived health;
+//! - [`lifecycle`]: host states and the operator's lifecycle with its transition table;
+//! - [`http`]: the local API (TCP, read-only; admin Unix socket);
+//! - [`agent`]: the composition root of `vigil agent`, signals and reload;
+//! - [`client`]: talks to a running agent for `status` and `lifecycle`;
+//! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
+
+pub mod agent;
+pub mod checks;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod durable;
+pub mod exit;
+pub mod http;
+pub mod lifecycle;
+pub mod scheduler;
+pub mod state;
+pub mod systemd;
+pub mod telemetry;

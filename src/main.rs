@@ -1,0 +1,272 @@
+//! The binary edge: parse the command line, run the subcommand, map errors to exit codes.
+//!
+//! Every error a user can cause is one line on stderr (`vigil: …`), never a panic.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hyper::Method;
+use serde_json::{Value, json};
+
+use vigil::checks::{CheckContext, Status};
+use vigil::cli::{self, Cli, Command, ConfigCommand, LifecycleCommand};
+use vigil::client::{self, Target};
+use vigil::config::{self, Config, ConfigError};
+use vigil::{exit, http, scheduler, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ExitCode::from(match cli.command {
+        Command::Agent { config } => agent(config.config.as_deref()),
+        Command::Check { config, json, names } => check(config.config.as_deref(), json, &names),
+        Command::Config { command: ConfigCommand::Check { config } } => config_check(config.config.as_deref()),
+        Command::Status { config, target, json } => status(config.config.as_deref(), target, json),
+        Command::Lifecycle { command } => lifecycle(command),
+    })
+}
+
+fn fail(msg: impl std::fmt::Display) {
+    eprintln!("vigil: {msg}");
+}
+
+fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
+    config::load(&config::resolve_path(flag))
+}
+
+/// Prints a config error, one line per problem.
+fn config_error(e: &ConfigError) {
+    for line in e.to_string().lines() {
+        fail(line);
+    }
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        // Blocking probes (statvfs, /proc reads) are short; a small pool bounds the threads
+        // a hung filesystem can pin (stuck calls are not re-issued).
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            fail(format!("starting the runtime: {e}"));
+            exit::SOFTWARE
+        })
+}
+
+fn agent(flag: Option<&Path>) -> u8 {
+    let path = config::resolve_path(flag);
+    let cfg = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            config_error(&e);
+            return exit::CONFIG;
+        }
+    };
+    let tel = match telemetry::init(&cfg.log) {
+        Ok(t) => t,
+        Err(e) => {
+            fail(format!("logging: {e}"));
+            return exit::CONFIG;
+        }
+    };
+    let rt = match runtime(2) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(vigil::agent::run(path, cfg, Some(tel.level)));
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed to start");
+            fail(&e);
+            e.exit_code()
+        }
+    }
+}
+
+fn config_check(flag: Option<&Path>) -> u8 {
+    let path = config::resolve_path(flag);
+    match config::load(&path) {
+        Ok(cfg) => {
+            let total = cfg.check.iter().count();
+            let enabled = cfg.enabled_checks().count();
+            println!(
+                "{}: configuration OK ({total} checks, {enabled} enabled; {} remediations)",
+                path.display(),
+                cfg.remediation.len()
+            );
+            exit::OK
+        }
+        Err(e) => {
+            config_error(&e);
+            exit::CONFIG
+        }
+    }
+}
+
+fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            config_error(&e);
+            return exit::UNKNOWN;
+        }
+    };
+    let rt = match runtime(2) {
+        Ok(rt) => rt,
+        Err(_) => return exit::UNKNOWN,
+    };
+    let views = match rt.block_on(scheduler::run_once(&cfg, names, CheckContext::host())) {
+        Ok(v) => v,
+        Err(e) => {
+            fail(e);
+            return exit::UNKNOWN;
+        }
+    };
+    // A hung probe's blocking thread must not keep the process alive after the answer.
+    rt.shutdown_background();
+    if json_out {
+        let arr: Vec<Value> = views.iter().map(|c| http::routes::check_json(c)).collect();
+        println!("{}", serde_json::to_string_pretty(&arr).unwrap_or_default());
+    } else {
+        let mut rows = vec![vec!["STATUS".into(), "CHECK".into(), "VALUE".into(), "MESSAGE".into()]];
+        for c in &views {
+            rows.push(vec![
+                c.status.as_str().to_uppercase(),
+                c.name.clone(),
+                cli::format_value(c.unit, c.value),
+                c.message.clone(),
+            ]);
+        }
+        print!("{}", cli::table(&rows));
+    }
+    views.iter().map(|c| c.status.nagios_code()).max().unwrap_or(Status::Ok.nagios_code())
+}
+
+fn resolve_target(flag: Option<&Path>, url: Option<&str>, socket: Option<&Path>) -> Result<Target, u8> {
+    if let Some(s) = socket {
+        return Ok(Target::Socket(s.to_path_buf()));
+    }
+    if let Some(u) = url {
+        return client::parse_url(u).map_err(|e| {
+            fail(e);
+            exit::USAGE
+        });
+    }
+    match load(flag) {
+        Ok(cfg) => Ok(client::target_from_config(&cfg)),
+        Err(e) => {
+            config_error(&e);
+            Err(exit::UNKNOWN)
+        }
+    }
+}
+
+fn ask(target: &Target, method: Method, path: &str, body: Option<Value>) -> Result<(u16, Value), u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        fail(format!("starting the runtime: {e}"));
+        exit::UNKNOWN
+    })?;
+    let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
+    match rt.block_on(client::request(target, method, path, body)) {
+        Ok((code, bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok((code, v)),
+            Err(_) => {
+                fail(format!("{target} answered {code} with a body that is not JSON"));
+                Err(exit::UNKNOWN)
+            }
+        },
+        Err(e) => {
+            fail(e);
+            Err(exit::UNKNOWN)
+        }
+    }
+}
+
+fn status(flag: Option<&Path>, target: cli::TargetArgs, json_out: bool) -> u8 {
+    let target = match resolve_target(flag, target.url.as_deref(), target.socket.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let (code, v) = match ask(&target, Method::GET, "/health", None) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if code == 403 || v.get("state").is_none() {
+        fail(format!("{target} answered {code}: {}", v.get("error").and_then(Value::as_str).unwrap_or("unexpected answer")));
+        return exit::UNKNOWN;
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        let counts = v.get("counts").cloned().unwrap_or(json!({}));
+        let n = |k: &str| counts.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let tripped: Vec<String> = v
+            .get("tripped")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        println!("state:     {} (health {}, lifecycle {})", s("state"), s("health"), s("lifecycle"));
+        println!("checks:    {} ok, {} warning, {} critical, {} unknown", n("ok"), n("warning"), n("critical"), n("unknown"));
+        println!("tripped:   {}", if tripped.is_empty() { "none".to_string() } else { tripped.join(", ") });
+        if let Some(r) = v.get("reason").and_then(Value::as_str) {
+            println!("reason:    {r}");
+        }
+        if let Some(e) = v.get("config_error").and_then(Value::as_str) {
+            println!("config:    reload refused: {e}");
+        }
+    }
+    if code == 200 { exit::OK } else { exit::FAILURE }
+}
+
+fn lifecycle(cmd: LifecycleCommand) -> u8 {
+    match cmd {
+        LifecycleCommand::Get { config, socket } => {
+            let target = match resolve_target(config.config.as_deref(), None, socket.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            match ask(&target, Method::GET, "/health", None) {
+                Ok((_, v)) => match v.get("lifecycle").and_then(Value::as_str) {
+                    Some(l) => {
+                        println!("{l}");
+                        exit::OK
+                    }
+                    None => {
+                        fail(format!("{target}: {}", v.get("error").and_then(Value::as_str).unwrap_or("no lifecycle in the answer")));
+                        exit::UNKNOWN
+                    }
+                },
+                Err(code) => code,
+            }
+        }
+        LifecycleCommand::Set { state, reason, config, socket } => {
+            let target = match resolve_target(config.config.as_deref(), None, socket.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            match ask(&target, Method::POST, "/lifecycle", Some(json!({ "state": state, "reason": reason }))) {
+                Ok((200, v)) => {
+                    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                    println!("lifecycle: {} -> {}", s("previous"), s("state"));
+                    exit::OK
+                }
+                Ok((code, v)) => {
+                    let msg = v.get("error").and_then(Value::as_str).unwrap_or("refused");
+                    match v.get("legal").and_then(Value::as_array) {
+                        Some(legal) => {
+                            let l: Vec<&str> = legal.iter().filter_map(Value::as_str).collect();
+                            fail(format!("{msg}; legal: {}", if l.is_empty() { "none".into() } else { l.join(", ") }));
+                        }
+                        None => fail(format!("{target} answered {code}: {msg}")),
+                    }
+                    exit::FAILURE
+                }
+                Err(code) => code,
+            }
+        }
+    }
+}

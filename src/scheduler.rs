@@ -1,0 +1,343 @@
+//! The check scheduler: one task per enabled check.
+//!
+//! - The first round runs at once; later runs come every interval, shifted by a small random
+//!   phase per check so that checks with the same interval do not fire together.
+//! - A check's runs never overlap: its task awaits each run before scheduling the next, and
+//!   a run that overruns its timeout is abandoned and recorded as `unknown`.
+//! - A semaphore caps how many checks measure at once, so the agent never hits the database
+//!   or the disks with everything at the same moment.
+//! - The framework, not the check, times each run, counts failures, feeds the hysteresis,
+//!   logs transitions and publishes the result into [`Shared`].
+//!
+//! Reload: [`Scheduler::apply`] diffs the running checks against a new config by name and
+//! resolved settings, stopping removed and changed ones and starting added and changed ones;
+//! unchanged checks keep their task, history and hysteresis.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::checks::{AnyCheck, CheckContext, CheckError, CheckSpec, Common, Observation, Status, Unit};
+use crate::config::Config;
+use crate::state::{CheckView, Hysteresis, Shared, Transition};
+
+/// The longest random phase added to a check's schedule.
+const MAX_PHASE: Duration = Duration::from_secs(5);
+
+/// A spec resolved into what its task needs; compared on reload.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    kind: &'static str,
+    common: Common,
+    /// Debug rendering of the kind's own config, to notice any change of it.
+    fingerprint: String,
+}
+
+struct Running {
+    entry: Entry,
+    /// Cancels this check's task; owned here, triggered on removal, change or shutdown.
+    cancel: CancellationToken,
+}
+
+/// Runs the configured checks and publishes their results.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    cx: Arc<CheckContext>,
+    limit: Arc<Semaphore>,
+    running: HashMap<String, Running>,
+    /// Parent of every check task's token: cancelled at shutdown.
+    shutdown: CancellationToken,
+    /// Waits for every check task at shutdown.
+    tracker: TaskTracker,
+    /// Notified whenever a check completes a run (first-round tracking).
+    progress: Arc<Notify>,
+}
+
+impl Scheduler {
+    /// A scheduler that publishes into `shared`; tasks stop when `shutdown` is cancelled.
+    pub fn new(shared: Arc<Shared>, cx: CheckContext, max_concurrent: usize, shutdown: CancellationToken) -> Self {
+        Scheduler {
+            shared,
+            cx: Arc::new(cx),
+            limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            running: HashMap::new(),
+            shutdown,
+            tracker: TaskTracker::new(),
+            progress: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts, stops and restarts check tasks so that the running set matches `config`.
+    /// Returns `(added, removed, changed)` counts.
+    pub fn apply(&mut self, config: &Config) -> (usize, usize, usize) {
+        let wanted: Vec<(String, CheckSpec<'_>, Entry)> = config
+            .enabled_checks()
+            .map(|(name, spec)| {
+                let entry = Entry { kind: spec.kind(), common: spec.common(config.agent.interval), fingerprint: format!("{spec:?}") };
+                (name.to_string(), spec, entry)
+            })
+            .collect();
+        let (mut added, mut removed, mut changed) = (0, 0, 0);
+
+        let keep: Vec<&str> = wanted.iter().map(|(n, _, _)| n.as_str()).collect();
+        self.running.retain(|name, r| {
+            if keep.contains(&name.as_str()) {
+                return true;
+            }
+            r.cancel.cancel();
+            removed += 1;
+            info!(check = %name, "check removed");
+            false
+        });
+
+        let mut order = Vec::with_capacity(wanted.len());
+        for (name, spec, entry) in wanted {
+            order.push(name.clone());
+            match self.running.get(&name) {
+                Some(r) if r.entry == entry => continue,
+                Some(r) => {
+                    r.cancel.cancel();
+                    changed += 1;
+                    info!(check = %name, kind = entry.kind, "check changed; restarting it");
+                }
+                None => {
+                    added += 1;
+                    debug!(check = %name, kind = entry.kind, "check added");
+                }
+            }
+            let cancel = self.shutdown.child_token();
+            let unit = crate::checks::kind_info(entry.kind).map_or(Unit::Count, |k| k.unit);
+            let view = CheckView::pending(
+                &name,
+                entry.kind,
+                unit,
+                entry.common.interval,
+                entry.common.timeout,
+                entry.common.essential,
+                Hysteresis::new(entry.common.trip_after, entry.common.clear_after),
+            );
+            self.shared.update(|s| {
+                s.checks.retain(|c| c.name != name);
+                s.checks.push(Arc::new(view));
+            });
+            let task = CheckTask {
+                name: name.clone(),
+                check: spec.build(),
+                common: entry.common.clone(),
+                shared: self.shared.clone(),
+                cx: self.cx.clone(),
+                limit: self.limit.clone(),
+                progress: self.progress.clone(),
+                cancel: cancel.clone(),
+            };
+            self.tracker.spawn(task.run());
+            self.running.insert(name, Running { entry, cancel });
+        }
+
+        // Publish in config order; drop views of removed checks.
+        self.shared.update(|s| {
+            let mut by_name: HashMap<String, Arc<CheckView>> = s.checks.drain(..).map(|c| (c.name.clone(), c)).collect();
+            s.checks = order.iter().filter_map(|n| by_name.remove(n)).collect();
+        });
+        (added, removed, changed)
+    }
+
+    /// Waits until every check present now has completed at least one run, then marks the
+    /// first round done.
+    pub fn first_round(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (shared, progress) = (self.shared.clone(), self.progress.clone());
+        async move {
+            loop {
+                let notified = progress.notified();
+                if shared.load().checks.iter().all(|c| c.sampled_at.is_some()) {
+                    break;
+                }
+                notified.await;
+            }
+            shared.update(|s| s.first_round_done = true);
+        }
+    }
+
+    /// Stops every check task and waits for them.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+struct CheckTask {
+    name: String,
+    check: AnyCheck,
+    common: Common,
+    shared: Arc<Shared>,
+    cx: Arc<CheckContext>,
+    limit: Arc<Semaphore>,
+    progress: Arc<Notify>,
+    cancel: CancellationToken,
+}
+
+impl CheckTask {
+    async fn run(mut self) {
+        let interval = self.common.interval;
+        let max_phase = (interval / 4).min(MAX_PHASE);
+        let phase = max_phase.mul_f64(fastrand::f64());
+        let mut next = Instant::now();
+        let mut first = true;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = sleep_until(next) => {}
+            }
+            if !self.measure().await {
+                return;
+            }
+
+            next += interval;
+            if first {
+                next += phase;
+                first = false;
+            }
+            // A run that overran: skip the missed slots rather than run back to back.
+            let now = Instant::now();
+            if next < now {
+                let behind = now - next;
+                let skipped = behind.as_nanos() / interval.as_nanos().max(1) + 1;
+                next += interval * u32::try_from(skipped).unwrap_or(u32::MAX);
+            }
+        }
+    }
+
+    /// Runs the check once under the concurrency limit and its timeout, and records the
+    /// result. Returns false when cancelled meanwhile.
+    async fn measure(&mut self) -> bool {
+        let permit = tokio::select! {
+            _ = self.cancel.cancelled() => return false,
+            p = self.limit.clone().acquire_owned() => p,
+        };
+        let span = info_span!("check", check = %self.name, kind = self.check.kind());
+        let started = Instant::now();
+        let wall = SystemTime::now();
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return false,
+            r = timeout(self.common.timeout, self.check.run(&self.cx)).instrument(span.clone()) => {
+                r.unwrap_or(Err(CheckError::Timeout(self.common.timeout)))
+            }
+        };
+        drop(permit);
+        let elapsed = started.elapsed();
+        span.in_scope(|| self.record(result, wall, started, elapsed));
+        self.progress.notify_waiters();
+        true
+    }
+
+    fn record(&self, result: Result<Observation, CheckError>, wall: SystemTime, mono: Instant, elapsed: Duration) {
+        let (obs, success) = match result {
+            Ok(o) => (o, true),
+            Err(e) => {
+                debug!(error = %e, "check could not measure");
+                (Observation { status: Status::Unknown, value: None, message: e.to_string(), metrics: Vec::new() }, false)
+            }
+        };
+        let name = &self.name;
+        let transition = self.shared.update(|s| {
+            let Some(slot) = s.checks.iter_mut().find(|c| c.name == *name) else {
+                return None;
+            };
+            let mut v = CheckView::clone(slot);
+            let previous = v.status;
+            let was_sampled = v.sampled_at.is_some();
+            let streak_before = v.hysteresis.streak;
+            let t = v.hysteresis.observe(obs.status);
+            if v.hysteresis.streak <= streak_before || !was_sampled {
+                v.since = Some(wall);
+            }
+            v.status = obs.status;
+            v.value = obs.value.filter(|x| x.is_finite());
+            v.message = obs.message.clone();
+            v.sampled_at = Some(wall);
+            v.sampled_mono = Some(mono);
+            v.duration = elapsed;
+            v.success = success;
+            v.runs += 1;
+            if !success {
+                v.failures += 1;
+            }
+            v.metrics = obs.metrics;
+            *slot = Arc::new(v);
+            Some((previous, was_sampled, t))
+        });
+        let Some((previous, was_sampled, t)) = transition else { return };
+        match t {
+            Some(Transition::Tripped(level)) => {
+                warn!(status = %obs.status, level = %level, message = %obs.message, "check tripped")
+            }
+            Some(Transition::Cleared) => info!(message = %obs.message, "check cleared"),
+            None if was_sampled && previous != obs.status => {
+                info!(from = %previous, to = %obs.status, message = %obs.message, "check status changed")
+            }
+            None => {}
+        }
+    }
+}
+
+/// Runs each named check (all enabled ones when `names` is empty) once, concurrently, and
+/// returns their views in config order: what `vigil check` prints.
+///
+/// # Errors
+/// The first name that matches no configured check.
+pub async fn run_once(config: &Config, names: &[String], cx: CheckContext) -> Result<Vec<Arc<CheckView>>, String> {
+    for n in names {
+        if !config.check.iter().any(|(name, _)| name == n) {
+            return Err(format!("no check named {n:?} in the config"));
+        }
+    }
+    let selected: Vec<(&str, CheckSpec<'_>)> = if names.is_empty() {
+        config.enabled_checks().collect()
+    } else {
+        // A check named explicitly runs even when disabled: the operator asked for it.
+        config.check.iter().filter(|(n, _)| names.iter().any(|x| x == n)).collect()
+    };
+    let shared = Arc::new(Shared::new(crate::state::Snapshot {
+        checks: Vec::new(),
+        lifecycle: crate::lifecycle::LifecycleRecord {
+            v: 1,
+            state: config.agent.initial_lifecycle,
+            reason: String::new(),
+            changed_at: String::new(),
+        },
+        config_error: None,
+        first_round_done: false,
+    }));
+    let cx = Arc::new(cx);
+    let limit = Arc::new(Semaphore::new(config.agent.max_concurrent_checks.max(1)));
+    let progress = Arc::new(Notify::new());
+    let cancel = CancellationToken::new();
+    let mut set = tokio::task::JoinSet::new();
+    for (name, spec) in selected {
+        let common = spec.common(config.agent.interval);
+        let unit = crate::checks::kind_info(spec.kind()).map_or(Unit::Count, |k| k.unit);
+        let h = Hysteresis::new(common.trip_after, common.clear_after);
+        let view = CheckView::pending(name, spec.kind(), unit, common.interval, common.timeout, common.essential, h);
+        shared.update(|s| s.checks.push(Arc::new(view)));
+        let mut task = CheckTask {
+            name: name.to_string(),
+            check: spec.build(),
+            common,
+            shared: shared.clone(),
+            cx: cx.clone(),
+            limit: limit.clone(),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+        };
+        set.spawn(async move { task.measure().await });
+    }
+    while set.join_next().await.is_some() {}
+    Ok(shared.load().checks.clone())
+}
