@@ -35,6 +35,9 @@ pub struct TargetArgs {
 }
 
 /// The subcommands.
+// clap turns doc comments into help text; the flattened option groups and nested
+// subcommand fields have no help of their own, so they carry no doc comment.
+#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
@@ -76,6 +79,7 @@ pub enum Command {
 }
 
 /// `vigil config …`
+#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config without running anything (exit 0 valid, 78 invalid).
@@ -86,6 +90,7 @@ pub enum ConfigCommand {
 }
 
 /// `vigil lifecycle …`
+#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum LifecycleCommand {
     /// Print the lifecycle state.

@@ -10,12 +10,15 @@
 //! Invariants:
 //! - `statvfs` runs on the blocking pool and is never issued twice for one check while the
 //!   previous call has not returned: a dead NFS server leaves the thread stuck in the
-//!   kernel, and re-issuing every interval would exhaust the pool ([`InFlight`]).
+//!   kernel, and re-issuing every interval would exhaust the pool (`InFlight`).
 //! - The fill-rate history is bounded in count and age and is cleared when the
 //!   filesystem's size changes (a resize or a different mount makes old samples lie).
+//! - Time to full is reported from the second sample on (`vigil_disk_full_in_seconds`,
+//!   `+Inf` when not filling) but trips `full_within` only from the third: two points
+//!   always fit a line, so one noisy sample must not page anyone.
 //!
 //! This file also holds the small helpers the `process` and `system` kinds share:
-//! [`InFlight`], [`format_bytes`] and [`thresholds_or_defaults`].
+//! `InFlight`, `format_bytes` and `thresholds_or_defaults`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -135,18 +138,20 @@ fn gather(path: &Path) -> Result<DiskStats, CheckError> {
             std::io::Error::from(e),
         )
     })?;
+    // The counts are `c_ulong`/`fsblkcnt_t`: unsigned and at most 64 bits on every Linux
+    // target, so widening with `as` is lossless (and `u64::from` is a no-op on 64-bit).
     // glibc already substitutes f_bsize for a zero f_frsize; repeat it for other libcs.
-    let frsize = match u64::from(st.fragment_size()) {
-        0 => u64::from(st.block_size()),
+    let frsize = match st.fragment_size() as u64 {
+        0 => st.block_size() as u64,
         n => n,
     };
     Ok(DiskStats {
         frsize,
-        blocks: u64::from(st.blocks()),
-        bfree: u64::from(st.blocks_free()),
-        bavail: u64::from(st.blocks_available()),
-        files: u64::from(st.files()),
-        ffree: u64::from(st.files_free()),
+        blocks: st.blocks() as u64,
+        bfree: st.blocks_free() as u64,
+        bavail: st.blocks_available() as u64,
+        files: st.files() as u64,
+        ffree: st.files_free() as u64,
         readonly: st.flags().contains(FsFlags::ST_RDONLY),
     })
 }
@@ -220,10 +225,13 @@ pub fn classify_disk(u: &DiskUsage, fill: &FillEstimate, p: &DiskPolicy) -> Stat
     if u.readonly && p.expect_writable {
         status = status.worse(Status::Critical);
     }
-    if let (Some(within), Some(full_in)) = (p.full_within, fill.full_in_seconds)
-        && fill.samples >= MIN_SAMPLES_TO_TRIP
-        && full_in <= within.as_secs_f64()
-    {
+    let fills_soon = match (p.full_within, fill.full_in_seconds) {
+        (Some(within), Some(full_in)) => {
+            fill.samples >= MIN_SAMPLES_TO_TRIP && full_in <= within.as_secs_f64()
+        }
+        _ => false,
+    };
+    if fills_soon {
         status = status.worse(Status::Critical);
     }
     status

@@ -41,8 +41,8 @@ crate::check_config! {
     /// `fd_crit` classify open fds against the soft limit; when both are omitted the defaults
     /// are 80% and 95%, and when only one is given the other is unset and never trips.
     pub struct ProcessConfig: Number {
-        /// Match processes whose `/proc/PID/comm` equals this. The kernel keeps only the
-        /// first 15 bytes of a command name, so a longer name is compared on those.
+        /// Match processes whose `/proc/PID/comm` equals this: 1 to 15 bytes, since the
+        /// kernel keeps no more of a command name and a longer one could never match.
         #[serde(default)]
         pub name: Option<String>,
         /// Or the process whose pid this file holds; it must exist in `/proc`.
@@ -64,7 +64,8 @@ crate::check_config! {
 }
 
 impl ProcessConfig {
-    /// Checks what serde cannot: exactly one matcher, `min <= max`, `fd_warn <= fd_crit`.
+    /// Checks what serde cannot: exactly one matcher, a `name` that can match a comm,
+    /// `min <= max`, `fd_warn <= fd_crit`.
     ///
     /// # Errors
     /// A message naming the offending keys.
@@ -72,17 +73,17 @@ impl ProcessConfig {
         match (&self.name, &self.pidfile) {
             (Some(_), Some(_)) => return Err("give either `name` or `pidfile`, not both".into()),
             (None, None) => return Err("one of `name` or `pidfile` is required".into()),
-            (Some(n), None) if n.is_empty() => return Err("`name` must not be empty".into()),
+            (Some(n), None) if n.is_empty() || n.len() > COMM_MAX => {
+                return Err(format!(
+                    "{n:?} cannot match: a comm is 1 to {COMM_MAX} bytes"
+                ));
+            }
             _ => {}
         }
-        if let (Some(min), Some(max)) = (self.min, self.max)
-            && min > max
-        {
+        if let Some((min, max)) = self.min.zip(self.max).filter(|(min, max)| min > max) {
             return Err(format!("`min` ({min}) is greater than `max` ({max})"));
         }
-        if let (Some(w), Some(c)) = (self.fd_warn, self.fd_crit)
-            && w.0 > c.0
-        {
+        if let Some((w, c)) = self.fd_warn.zip(self.fd_crit).filter(|(w, c)| w.0 > c.0) {
             return Err(format!("`fd_warn` ({w}) is greater than `fd_crit` ({c})"));
         }
         Ok(())
@@ -92,8 +93,8 @@ impl ProcessConfig {
 /// What a check looks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
-    /// `comm` bytes, already cut to [`COMM_MAX`].
-    Name { shown: String, comm: Vec<u8> },
+    /// The `comm` to match.
+    Name(String),
     /// The pid in this file.
     Pidfile(PathBuf),
     /// The config did not name exactly one; reported at every run (the loader's
@@ -115,13 +116,7 @@ impl ProcessCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &ProcessConfig) -> Self {
         let target = match (&c.name, &c.pidfile, c.validate()) {
-            (Some(n), None, Ok(())) => {
-                let bytes = n.as_bytes();
-                Target::Name {
-                    shown: n.clone(),
-                    comm: bytes[..bytes.len().min(COMM_MAX)].to_vec(),
-                }
-            }
+            (Some(n), None, Ok(())) => Target::Name(n.clone()),
             (None, Some(p), Ok(())) => Target::Pidfile(p.clone()),
             (_, _, Err(e)) => Target::Invalid(e),
             // validate() accepted it, so exactly one of name and pidfile is set.
@@ -164,13 +159,13 @@ impl Check for ProcessCheck {
             Target::Invalid(e) => {
                 return Err(CheckError::Parse(format!("invalid process check: {e}")));
             }
-            Target::Name { shown, comm } => {
-                let comm = comm.clone();
+            Target::Name(name) => {
+                let comm = name.clone().into_bytes();
                 let found = self
                     .scan
                     .run(&scan_what, move || scan_by_name(&proc_root, &comm))
                     .await??;
-                (found, format!("named '{shown}'"))
+                (found, format!("named '{name}'"))
             }
             Target::Pidfile(path) => {
                 let subject = format!("from pidfile {}", path.display());
@@ -349,9 +344,14 @@ pub fn parse_stat(s: &str) -> Result<Stat, String> {
     if close < open {
         return Err("')' before '('".into());
     }
-    let comm = s[open + 1..close].to_string();
+    // '(' and ')' are ASCII, so both offsets are char boundaries and `get` cannot fail.
+    let comm = s.get(open + 1..close).unwrap_or_default().to_string();
     // Fields after the name start at field 3 (state), so field N is at index N - 3.
-    let rest: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let rest: Vec<&str> = s
+        .get(close + 1..)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     let state = rest
         .first()
         .and_then(|f| f.chars().next())
@@ -380,7 +380,10 @@ pub fn parse_statm_resident(s: &str) -> Option<u64> {
 /// The soft `Max open files` from `/proc/PID/limits`; `None` when unlimited or absent.
 pub fn parse_limits_nofile(s: &str) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    let soft = line
+        .strip_prefix("Max open files")?
+        .split_whitespace()
+        .next()?;
     soft.parse().ok().filter(|&n| n > 0)
 }
 

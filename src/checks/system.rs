@@ -67,16 +67,12 @@ impl SystemConfig {
     /// # Errors
     /// A message naming the keys in the wrong order.
     pub fn validate(&self) -> Result<(), String> {
-        if let (Some(w), Some(c)) = (self.mem_warn, self.mem_crit)
-            && w.0 < c.0
-        {
+        if let Some((w, c)) = self.mem_warn.zip(self.mem_crit).filter(|(w, c)| w.0 < c.0) {
             return Err(format!(
                 "`mem_warn` ({w}) is below `mem_crit` ({c}); less memory available is worse, so warn must be the larger"
             ));
         }
-        if let (Some(w), Some(c)) = (self.psi_warn, self.psi_crit)
-            && w.0 > c.0
-        {
+        if let Some((w, c)) = self.psi_warn.zip(self.psi_crit).filter(|(w, c)| w.0 > c.0) {
             return Err(format!("`psi_warn` ({w}) is greater than `psi_crit` ({c})"));
         }
         Ok(())
@@ -477,10 +473,9 @@ pub fn describe_system(s: &SystemSample, oom_since_start: Option<u64>) -> String
 fn system_metrics(s: &SystemSample) -> Vec<Metric> {
     const LOAD_HELP: &str = "Load average divided by the number of online CPUs.";
     let mut v = Vec::new();
-    for (i, window) in ["1m", "5m", "15m"].into_iter().enumerate() {
+    for (window, load) in ["1m", "5m", "15m"].into_iter().zip(s.load_per_core) {
         v.push(
-            Metric::gauge("vigil_system_load_per_core", LOAD_HELP, s.load_per_core[i])
-                .label("window", window),
+            Metric::gauge("vigil_system_load_per_core", LOAD_HELP, load).label("window", window),
         );
     }
     v.push(Metric::gauge(
@@ -502,12 +497,12 @@ fn system_metrics(s: &SystemSample) -> Vec<Metric> {
     }
     for (resource, lines) in &s.pressure {
         for line in lines {
-            for (i, window) in ["10s", "60s", "300s"].into_iter().enumerate() {
+            for (window, avg) in ["10s", "60s", "300s"].into_iter().zip(line.avg) {
                 v.push(
                     Metric::gauge(
                         "vigil_system_pressure_ratio",
                         "Share of time tasks stalled on the resource (PSI average).",
-                        line.avg[i],
+                        avg,
                     )
                     .label("resource", *resource)
                     .label("kind", line.kind)

@@ -1,0 +1,17 @@
+//! One integration-test binary (ripgrep's layout); one module per area.
+
+/// The real `vigil agent` over HTTP: every endpoint, status codes, JSON, promtool.
+mod api;
+/// Command line: exit codes, `vigil check`, `status`, `lifecycle`, config errors.
+mod cli;
+/// Config files: the shipped ones load; bad ones fail with file, key and line.
+mod config;
+/// `disk` against a real tmpfs: trip, clear, read-only remount.
+mod disk;
+/// `process` against real processes; a hung check does not delay others or the API.
+mod process;
+/// SIGHUP reload: checks added and removed; an invalid config refused.
+mod reload;
+/// The admin socket: peer credentials, lifecycle transitions.
+mod admin;
+mod util;

@@ -1,0 +1,183 @@
+//! The shared harness: temp dirs, configs, a real `vigil agent` process, raw HTTP.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn vigil() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+}
+
+/// Runs `vigil ARGS…` to completion.
+pub fn run(args: &[&str]) -> Output {
+    vigil().args(args).env_remove("VIGIL_CONFIG").env_remove("RUST_LOG").output().expect("run vigil")
+}
+
+/// A unique scratch directory, removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("vigil-it-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A config for one test: state dir, listen port and admin socket inside `dir`, plus
+/// `body` (checks and anything else).
+pub struct TestConfig {
+    pub path: PathBuf,
+    pub addr: SocketAddr,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Writes `dir/vigil.toml` with a fresh port and the given extra TOML.
+pub fn write_config(dir: &Path, body: &str) -> TestConfig {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let socket = dir.join("admin.sock");
+    let state_dir = dir.join("state");
+    let path = dir.join("vigil.toml");
+    let text = format!(
+        "[agent]\nstate_dir = {state:?}\ninterval = \"1s\"\n\n[api]\nlisten = \"{addr}\"\nadmin_socket = {sock:?}\n\n{body}\n",
+        state = state_dir.display().to_string(),
+        sock = socket.display().to_string(),
+    );
+    std::fs::write(&path, text).unwrap();
+    TestConfig { path, addr, socket, state_dir }
+}
+
+/// A running `vigil agent`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `cfg` and waits until `/health` answers after the first round.
+    pub fn start(cfg: &TestConfig) -> Agent {
+        let log = cfg.path.with_extension("log");
+        let child = vigil()
+            .args(["agent", "-c"])
+            .arg(&cfg.path)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn vigil agent");
+        let mut agent = Agent { child, addr: cfg.addr, socket: cfg.socket.clone(), log };
+        poll(Duration::from_secs(20), "the agent's first round", || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("agent exited early with {st}: {}", agent.logs());
+            }
+            match try_http(agent.addr, "GET", "/health", None) {
+                Ok((_, body)) if !body.contains("\"starting\"") => Some(()),
+                _ => None,
+            }
+        });
+        agent
+    }
+
+    /// GET `path` over TCP.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.addr, "GET", path, None)
+    }
+
+    /// GET `path` over TCP, parsed as JSON.
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (code, body) = self.get(path);
+        (code, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")))
+    }
+
+    /// The agent's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let code = poll(Duration::from_secs(15), "the agent to exit", || self.child.try_wait().unwrap());
+        code.code()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn exchange(mut s: impl Read + Write, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
+    Ok((code, body.to_string()))
+}
+
+/// One HTTP/1.1 request over TCP; errors returned.
+pub fn try_http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    exchange(s, method, path, body)
+}
+
+/// One HTTP/1.1 request over TCP.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    try_http(addr, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// One HTTP/1.1 request over a Unix socket.
+pub fn unix_http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    exchange(s, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Whether the tests run as root (mounts, other users).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
