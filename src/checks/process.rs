@@ -783,6 +783,8 @@ mod tests {
         assert!(c("name = \"postgres\"").is_ok());
         assert!(c("pidfile = \"/run/x.pid\"").is_ok());
         assert!(c("").unwrap_err().contains("required"));
+        let long = c("name = \"postgres_exporter\"").unwrap_err();
+        assert!(long.contains("cannot match"), "{long}");
         assert!(
             c("name = \"a\"\npidfile = \"/b\"")
                 .unwrap_err()

@@ -178,7 +178,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, CheckError> {
 /// Reads every file the check needs, on the blocking pool's thread.
 fn gather(proc_root: &Path, sys_root: &Path) -> Result<RawSystem, CheckError> {
     let online_path = sys_root.join("devices/system/cpu/online");
-    let cpu_online = read_optional(&online_path)?;
+    // Any failure here (a container without /sys) falls back to /proc/stat below.
+    let cpu_online = fs::read_to_string(&online_path).ok();
     let (stat, cpu_source) = if cpu_online
         .as_deref()
         .and_then(|s| parse_cpu_list(s).ok())

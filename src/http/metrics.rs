@@ -137,3 +137,37 @@ pub fn render(snap: &Snapshot) -> String {
     let _ = prometheus::TextEncoder::new().encode_utf8(&families, &mut out);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::checks::{Metric, Status, Unit};
+    use crate::lifecycle::{Lifecycle, LifecycleRecord};
+    use crate::state::{CheckView, Hysteresis};
+
+    /// node_exporter's e2e-output idea: the whole exposition of a fixed snapshot.
+    #[test]
+    fn renders_a_stable_exposition() {
+        let mut v = CheckView::pending("root", "disk", Unit::Ratio, Duration::from_secs(10), Duration::from_secs(3), false, Hysteresis::new(1, 1));
+        v.hysteresis.observe(Status::Warning);
+        v.status = Status::Warning;
+        v.value = Some(0.85);
+        v.sampled_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        v.duration = Duration::from_millis(2);
+        v.success = true;
+        v.runs = 3;
+        v.metrics = vec![Metric::gauge("vigil_disk_free_bytes", "Free bytes.", 1024.0).label("mountpoint", "/\"q\"")];
+        let snap = Snapshot {
+            checks: vec![Arc::new(v)],
+            lifecycle: LifecycleRecord { v: 1, state: Lifecycle::Available, reason: String::new(), changed_at: String::new() },
+            config_error: None,
+            first_round_done: true,
+        };
+        let out = render(&snap);
+        let expected = include_str!("../../tests/fixtures/metrics.golden.txt").replace("VERSION", env!("CARGO_PKG_VERSION"));
+        assert_eq!(out, expected, "\n{out}");
+    }
+}

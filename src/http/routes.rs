@@ -229,3 +229,121 @@ fn set_lifecycle(api: &ApiState, body: &[u8]) -> Resp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::checks::Unit;
+    use crate::lifecycle::LifecycleRecord;
+    use crate::state::Hysteresis;
+
+    fn view(name: &str, status: Status, age: Duration) -> Arc<CheckView> {
+        let mut v = CheckView::pending(name, "disk", Unit::Ratio, Duration::from_secs(1), Duration::from_secs(1), false, Hysteresis::new(1, 1));
+        v.hysteresis.observe(status);
+        v.status = status;
+        v.sampled_at = Some(SystemTime::now() - age);
+        v.sampled_mono = Some(Instant::now() - age);
+        Arc::new(v)
+    }
+
+    fn api(checks: Vec<Arc<CheckView>>, lifecycle: Lifecycle) -> (ApiState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot {
+            checks,
+            lifecycle: LifecycleRecord { v: 1, state: lifecycle, reason: String::new(), changed_at: String::new() },
+            config_error: None,
+            first_round_done: true,
+        };
+        (ApiState { shared: Arc::new(Shared::new(snap)), state_dir: dir.path().to_path_buf() }, dir)
+    }
+
+    fn get(api: &ApiState, path: &str) -> (StatusCode, Value) {
+        let r = handle(api, Access::ReadOnly, &Method::GET, path, None, b"");
+        let code = r.status();
+        let body = futures_body(r);
+        (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn futures_body(r: Resp) -> Bytes {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(r.into_body().collect()).unwrap().to_bytes()
+    }
+
+    #[test]
+    fn fresh_ok_samples_are_available() {
+        let (api, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Available);
+        let (code, v) = get(&api, "/health");
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(v["state"], "available");
+        assert_eq!(v["stale"], false);
+    }
+
+    #[test]
+    fn samples_older_than_three_intervals_are_503_stale() {
+        let (api, _d) = api(vec![view("a", Status::Ok, Duration::from_secs(4))], Lifecycle::Available);
+        let (code, v) = get(&api, "/health");
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["reason"], "stale");
+        assert_eq!(v["stale"], true);
+        // /checks still answers and shows the sample time.
+        let (code, v) = get(&api, "/checks");
+        assert_eq!(code, StatusCode::OK);
+        assert!(v[0]["sampled_at"].is_string());
+    }
+
+    #[test]
+    fn tripped_critical_is_unavailable_and_lifecycle_wins_over_health() {
+        let (api1, _d) = api(vec![view("a", Status::Critical, Duration::ZERO)], Lifecycle::Available);
+        let (code, v) = get(&api1, "/health");
+        assert_eq!((code, v["state"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+        assert_eq!(v["tripped"], json!(["a"]));
+        let (api2, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Retiring);
+        let (code, v) = get(&api2, "/health");
+        assert_eq!((code, v["state"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("retiring")));
+        assert_eq!(v["health"], "available");
+    }
+
+    #[test]
+    fn head_and_options_give_the_status_alone_and_writes_are_405() {
+        let (api, _d) = api(vec![view("a", Status::Critical, Duration::ZERO)], Lifecycle::Available);
+        for m in [Method::HEAD, Method::OPTIONS] {
+            let r = handle(&api, Access::ReadOnly, &m, "/health", None, b"");
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(futures_body(r).is_empty());
+        }
+        let r = handle(&api, Access::ReadOnly, &Method::POST, "/lifecycle", None, br#"{"state":"retiring","reason":"x"}"#);
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[ALLOW], ALLOWED_READ);
+    }
+
+    #[test]
+    fn lifecycle_posts_follow_the_table() {
+        let (api, _d) = api(vec![], Lifecycle::Available);
+        let post = |body: &str| {
+            let r = handle(&api, Access::Admin, &Method::POST, "/lifecycle", None, body.as_bytes());
+            let code = r.status();
+            (code, serde_json::from_slice::<Value>(&futures_body(r)).unwrap())
+        };
+        assert_eq!(post(r#"{"state":"retiring","reason":"drain"}"#).0, StatusCode::OK);
+        let (code, v) = post(r#"{"state":"upgrading","reason":"x"}"#);
+        assert_eq!(code, StatusCode::CONFLICT);
+        assert_eq!(v["legal"], json!(["retired", "available"]));
+        assert_eq!(post(r#"{"state":"archived","reason":"x"}"#).0, StatusCode::BAD_REQUEST);
+        assert_eq!(post(r#"{"state":"available"}"#).0, StatusCode::BAD_REQUEST);
+        assert_eq!(post("not json").0, StatusCode::BAD_REQUEST);
+        assert_eq!(api.shared.load().lifecycle.state, Lifecycle::Retiring);
+    }
+
+    #[test]
+    fn unknown_paths_and_checks_are_json_404() {
+        let (api, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Available);
+        assert_eq!(get(&api, "/checks/a").0, StatusCode::OK);
+        let (code, v) = get(&api, "/checks/nope");
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(v["error"].is_string() && v["reason"].is_string());
+        assert_eq!(get(&api, "/nope").0, StatusCode::NOT_FOUND);
+    }
+}
