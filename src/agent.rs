@@ -70,8 +70,15 @@ impl AgentError {
 
 /// Opens the state directory (mode 0700), creating it when missing, and proves it writable.
 fn open_state_dir(dir: &Path) -> Result<(), AgentError> {
-    let err = |source| AgentError::StateDir { path: dir.to_path_buf(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let err = |source| AgentError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
     let probe = dir.join(".write-probe");
     crate::durable::write_atomic(&probe, b"").map_err(err)?;
     std::fs::remove_file(&probe).map_err(err)
@@ -80,9 +87,17 @@ fn open_state_dir(dir: &Path) -> Result<(), AgentError> {
 /// Binds the admin socket with mode 0600. A socket file left by a crashed agent is
 /// replaced; one that a running agent still answers on is an error, not stolen.
 async fn bind_admin(path: &Path) -> Result<UnixListener, AgentError> {
-    let err = |source| AgentError::Listen { what: "admin socket", addr: path.display().to_string(), source };
+    let err = |source| AgentError::Listen {
+        what: "admin socket",
+        addr: path.display().to_string(),
+        source,
+    };
     if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(err)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -99,7 +114,12 @@ async fn bind_admin(path: &Path) -> Result<UnixListener, AgentError> {
 }
 
 fn summary(snap: &Snapshot) -> String {
-    let tripped: Vec<&str> = snap.checks.iter().filter(|c| c.hysteresis.tripped).map(|c| c.name.as_str()).collect();
+    let tripped: Vec<&str> = snap
+        .checks
+        .iter()
+        .filter(|c| c.hysteresis.tripped)
+        .map(|c| c.name.as_str())
+        .collect();
     let mut s = format!("{}: {} checks", snap.state(), snap.checks.len());
     if tripped.is_empty() {
         s.push_str(", none tripped");
@@ -116,29 +136,59 @@ fn summary(snap: &Snapshot) -> String {
 ///
 /// # Errors
 /// Startup failures only; once running, errors are logged and the agent carries on.
-pub async fn run(config_path: PathBuf, mut config: Config, level: Option<LevelHandle>) -> Result<(), AgentError> {
+pub async fn run(
+    config_path: PathBuf,
+    mut config: Config,
+    level: Option<LevelHandle>,
+) -> Result<(), AgentError> {
     open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 
-    let tcp = TcpListener::bind(config.api.listen).await.map_err(|source| AgentError::Listen {
-        what: "listening on",
-        addr: config.api.listen.to_string(),
-        source,
-    })?;
+    let tcp = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            what: "listening on",
+            addr: config.api.listen.to_string(),
+            source,
+        })?;
     let admin = bind_admin(&config.api.admin_socket).await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
 
-    let shared = Arc::new(Shared::new(Snapshot { checks: Vec::new(), lifecycle, config_error: None, first_round_done: false }));
+    let shared = Arc::new(Shared::new(Snapshot {
+        checks: Vec::new(),
+        lifecycle,
+        config_error: None,
+        first_round_done: false,
+    }));
     let shutdown = CancellationToken::new();
-    let mut scheduler = Scheduler::new(shared.clone(), CheckContext::host(), config.agent.max_concurrent_checks, shutdown.child_token());
+    let mut scheduler = Scheduler::new(
+        shared.clone(),
+        CheckContext::host(),
+        config.agent.max_concurrent_checks,
+        shutdown.child_token(),
+    );
     scheduler.apply(&config);
 
-    let api = Arc::new(ApiState { shared: shared.clone(), state_dir: config.agent.state_dir.clone() });
+    let api = Arc::new(ApiState {
+        shared: shared.clone(),
+        state_dir: config.agent.state_dir.clone(),
+    });
     let servers = tokio_util::task::TaskTracker::new();
-    servers.spawn(http::serve_tcp(tcp, api.clone(), config.api.allow.clone(), config.api.max_connections, shutdown.clone()));
-    servers.spawn(http::serve_unix(admin, api, config.api.max_connections, shutdown.clone()));
+    servers.spawn(http::serve_tcp(
+        tcp,
+        api.clone(),
+        config.api.allow.clone(),
+        config.api.max_connections,
+        shutdown.clone(),
+    ));
+    servers.spawn(http::serve_unix(
+        admin,
+        api,
+        config.api.max_connections,
+        shutdown.clone(),
+    ));
     servers.close();
     info!(listen = %config.api.listen, admin_socket = %config.api.admin_socket.display(), checks = shared.load().checks.len(), "agent started");
 
@@ -146,7 +196,11 @@ pub async fn run(config_path: PathBuf, mut config: Config, level: Option<LevelHa
     tokio::pin!(first_round);
     let mut ready = false;
     let watchdog = systemd::watchdog_period();
-    let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(10), |p| p / 2).min(Duration::from_secs(10)));
+    let mut tick = tokio::time::interval(
+        watchdog
+            .map_or(Duration::from_secs(10), |p| p / 2)
+            .min(Duration::from_secs(10)),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_status = String::new();
 
@@ -196,7 +250,13 @@ pub async fn run(config_path: PathBuf, mut config: Config, level: Option<LevelHa
 
 /// Reloads the config from `path`. Checks and remediations take effect at once; keys that
 /// need a restart keep their running values and say so.
-fn reload(path: &Path, running: &mut Config, scheduler: &mut Scheduler, shared: &Shared, level: Option<&LevelHandle>) {
+fn reload(
+    path: &Path,
+    running: &mut Config,
+    scheduler: &mut Scheduler,
+    shared: &Shared,
+    level: Option<&LevelHandle>,
+) {
     let mut new = match config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -137,7 +137,11 @@ pub fn format_bytes(v: f64) -> String {
         x /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{x:.0} B") } else { format!("{x:.1} {}", UNITS[i]) }
+    if i == 0 {
+        format!("{x:.0} B")
+    } else {
+        format!("{x:.1} {}", UNITS[i])
+    }
 }
 
 /// Seconds as the largest sensible unit.
@@ -183,14 +187,20 @@ mod tests {
     #[test]
     fn values_are_formatted_in_their_unit() {
         assert_eq!(format_value(Unit::Ratio, Some(0.432)), "43.2%");
-        assert_eq!(format_value(Unit::Bytes, Some(12.0 * 1024.0 * 1024.0)), "12.0 MiB");
+        assert_eq!(
+            format_value(Unit::Bytes, Some(12.0 * 1024.0 * 1024.0)),
+            "12.0 MiB"
+        );
         assert_eq!(format_value(Unit::Seconds, Some(3.2)), "3.2s");
         assert_eq!(format_value(Unit::Count, None), "-");
     }
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&[vec!["a".into(), "bbb".into(), "x".into()], vec!["cc".into(), "d".into(), "y".into()]]);
+        let t = table(&[
+            vec!["a".into(), "bbb".into(), "x".into()],
+            vec!["cc".into(), "d".into(), "y".into()],
+        ]);
         assert_eq!(t, "a   bbb  x\ncc  d    y\n");
     }
 

@@ -91,42 +91,80 @@ fn socket_usable(path: &Path) -> bool {
 ///
 /// # Errors
 /// The agent cannot be reached or the exchange fails or times out.
-pub async fn request(target: &Target, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>), ClientError> {
+pub async fn request(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, Vec<u8>), ClientError> {
     let t = target.to_string();
     let fut = async {
         match target {
             Target::Socket(p) => {
-                let s = UnixStream::connect(p).await.map_err(|source| ClientError::Connect { target: t.clone(), source })?;
+                let s = UnixStream::connect(p)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        target: t.clone(),
+                        source,
+                    })?;
                 exchange(s, &t, "localhost", method, path, body).await
             }
             Target::Tcp(a) => {
-                let s = TcpStream::connect(a).await.map_err(|source| ClientError::Connect { target: t.clone(), source })?;
+                let s = TcpStream::connect(a)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        target: t.clone(),
+                        source,
+                    })?;
                 exchange(s, &t, a, method, path, body).await
             }
         }
     };
     tokio::time::timeout(REQUEST_TIMEOUT, fut)
         .await
-        .unwrap_or_else(|_| Err(ClientError::Http { target: t.clone(), message: format!("no answer within {REQUEST_TIMEOUT:?}") }))
+        .unwrap_or_else(|_| {
+            Err(ClientError::Http {
+                target: t.clone(),
+                message: format!("no answer within {REQUEST_TIMEOUT:?}"),
+            })
+        })
 }
 
-async fn exchange<S>(io: S, target: &str, host: &str, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>), ClientError>
+async fn exchange<S>(
+    io: S,
+    target: &str,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, Vec<u8>), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let http = |e: hyper::Error| ClientError::Http { target: target.to_string(), message: e.to_string() };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(http)?;
+    let http = |e: hyper::Error| ClientError::Http {
+        target: target.to_string(),
+        message: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(http)?;
     tokio::spawn(async move {
         // The connection ends with the exchange; its error, if any, surfaces through `sender`.
         let _ = conn.await;
     });
-    let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, host);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host);
     if body.is_some() {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| ClientError::Http { target: target.to_string(), message: e.to_string() })?;
+        .map_err(|e| ClientError::Http {
+            target: target.to_string(),
+            message: e.to_string(),
+        })?;
     let resp = sender.send_request(req).await.map_err(http)?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
@@ -139,8 +177,14 @@ mod tests {
 
     #[test]
     fn urls_name_a_host_and_port() {
-        assert_eq!(parse_url("http://127.0.0.1:9797").unwrap(), Target::Tcp("127.0.0.1:9797".into()));
-        assert_eq!(parse_url("127.0.0.1:9797/health").unwrap(), Target::Tcp("127.0.0.1:9797".into()));
+        assert_eq!(
+            parse_url("http://127.0.0.1:9797").unwrap(),
+            Target::Tcp("127.0.0.1:9797".into())
+        );
+        assert_eq!(
+            parse_url("127.0.0.1:9797/health").unwrap(),
+            Target::Tcp("127.0.0.1:9797".into())
+        );
         assert!(parse_url("https://x:1").is_err());
         assert!(parse_url("http://nohost").is_err());
     }

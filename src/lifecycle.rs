@@ -142,10 +142,17 @@ impl fmt::Display for Lifecycle {
 impl FromStr for Lifecycle {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        LIFECYCLES.iter().copied().find(|l| l.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = LIFECYCLES.iter().map(|l| l.as_str()).collect();
-            format!("unknown lifecycle state {s:?}: expected one of {}", names.join(", "))
-        })
+        LIFECYCLES
+            .iter()
+            .copied()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = LIFECYCLES.iter().map(|l| l.as_str()).collect();
+                format!(
+                    "unknown lifecycle state {s:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -197,7 +204,11 @@ pub enum LifecycleError {
 
 fn legal_list(from: Lifecycle) -> String {
     let v: Vec<_> = from.legal_next().iter().map(|l| l.as_str()).collect();
-    if v.is_empty() { "none".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Reads the persisted lifecycle, or `initial` (unsaved) when `state_dir` has none.
@@ -209,12 +220,18 @@ pub fn load(state_dir: &Path, initial: Lifecycle) -> Result<LifecycleRecord, Lif
     let path = state_dir.join(FILE_NAME);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let rec: LifecycleRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| LifecycleError::Load { path: path.clone(), message: e.to_string() })?;
+            let rec: LifecycleRecord =
+                serde_json::from_slice(&bytes).map_err(|e| LifecycleError::Load {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             if rec.v > FORMAT_VERSION {
                 return Err(LifecycleError::Load {
                     path,
-                    message: format!("format version {} is newer than this agent's {FORMAT_VERSION}", rec.v),
+                    message: format!(
+                        "format version {} is newer than this agent's {FORMAT_VERSION}",
+                        rec.v
+                    ),
                 });
             }
             Ok(rec)
@@ -225,7 +242,10 @@ pub fn load(state_dir: &Path, initial: Lifecycle) -> Result<LifecycleRecord, Lif
             reason: "initial lifecycle from config".into(),
             changed_at: rfc3339(SystemTime::now()),
         }),
-        Err(source) => Err(LifecycleError::Load { path, message: source.to_string() }),
+        Err(source) => Err(LifecycleError::Load {
+            path,
+            message: source.to_string(),
+        }),
     }
 }
 
@@ -252,7 +272,8 @@ pub fn transition(
     let path = state_dir.join(FILE_NAME);
     // Serializing a struct of strings and an enum cannot fail.
     let body = serde_json::to_vec_pretty(&rec).unwrap_or_default();
-    durable::write_atomic(&path, &body).map_err(|source| LifecycleError::Persist { path, source })?;
+    durable::write_atomic(&path, &body)
+        .map_err(|source| LifecycleError::Persist { path, source })?;
     Ok(rec)
 }
 
@@ -280,7 +301,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for from in LIFECYCLES {
             for to in LIFECYCLES {
-                let legal = TABLE.iter().find(|(f, _)| *f == from.as_str()).unwrap().1.contains(&to.as_str());
+                let legal = TABLE
+                    .iter()
+                    .find(|(f, _)| *f == from.as_str())
+                    .unwrap()
+                    .1
+                    .contains(&to.as_str());
                 let res = transition(dir.path(), from, to, "test");
                 assert_eq!(res.is_ok(), legal, "{from} -> {to}");
                 if let Err(LifecycleError::Illegal { .. }) = res {
@@ -293,8 +319,17 @@ mod tests {
     #[test]
     fn transition_persists_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path(), Lifecycle::Installing).unwrap().state, Lifecycle::Installing);
-        transition(dir.path(), Lifecycle::Available, Lifecycle::Retiring, "drain").unwrap();
+        assert_eq!(
+            load(dir.path(), Lifecycle::Installing).unwrap().state,
+            Lifecycle::Installing
+        );
+        transition(
+            dir.path(),
+            Lifecycle::Available,
+            Lifecycle::Retiring,
+            "drain",
+        )
+        .unwrap();
         let rec = load(dir.path(), Lifecycle::Available).unwrap();
         assert_eq!(rec.state, Lifecycle::Retiring);
         assert_eq!(rec.reason, "drain");

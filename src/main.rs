@@ -19,9 +19,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ExitCode::from(match cli.command {
         Command::Agent { config } => agent(config.config.as_deref()),
-        Command::Check { config, json, names } => check(config.config.as_deref(), json, &names),
-        Command::Config { command: ConfigCommand::Check { config } } => config_check(config.config.as_deref()),
-        Command::Status { config, target, json } => status(config.config.as_deref(), target, json),
+        Command::Check {
+            config,
+            json,
+            names,
+        } => check(config.config.as_deref(), json, &names),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => config_check(config.config.as_deref()),
+        Command::Status {
+            config,
+            target,
+            json,
+        } => status(config.config.as_deref(), target, json),
         Command::Lifecycle { command } => lifecycle(command),
     })
 }
@@ -131,7 +141,12 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
         let arr: Vec<Value> = views.iter().map(|c| http::routes::check_json(c)).collect();
         println!("{}", serde_json::to_string_pretty(&arr).unwrap_or_default());
     } else {
-        let mut rows = vec![vec!["STATUS".into(), "CHECK".into(), "VALUE".into(), "MESSAGE".into()]];
+        let mut rows = vec![vec![
+            "STATUS".into(),
+            "CHECK".into(),
+            "VALUE".into(),
+            "MESSAGE".into(),
+        ]];
         for c in &views {
             rows.push(vec![
                 c.status.as_str().to_uppercase(),
@@ -142,10 +157,18 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
         }
         print!("{}", cli::table(&rows));
     }
-    views.iter().map(|c| c.status.nagios_code()).max().unwrap_or(Status::Ok.nagios_code())
+    views
+        .iter()
+        .map(|c| c.status.nagios_code())
+        .max()
+        .unwrap_or(Status::Ok.nagios_code())
 }
 
-fn resolve_target(flag: Option<&Path>, url: Option<&str>, socket: Option<&Path>) -> Result<Target, u8> {
+fn resolve_target(
+    flag: Option<&Path>,
+    url: Option<&str>,
+    socket: Option<&Path>,
+) -> Result<Target, u8> {
     if let Some(s) = socket {
         return Ok(Target::Socket(s.to_path_buf()));
     }
@@ -164,17 +187,27 @@ fn resolve_target(flag: Option<&Path>, url: Option<&str>, socket: Option<&Path>)
     }
 }
 
-fn ask(target: &Target, method: Method, path: &str, body: Option<Value>) -> Result<(u16, Value), u8> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
-        fail(format!("starting the runtime: {e}"));
-        exit::UNKNOWN
-    })?;
+fn ask(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            fail(format!("starting the runtime: {e}"));
+            exit::UNKNOWN
+        })?;
     let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
     match rt.block_on(client::request(target, method, path, body)) {
         Ok((code, bytes)) => match serde_json::from_slice(&bytes) {
             Ok(v) => Ok((code, v)),
             Err(_) => {
-                fail(format!("{target} answered {code} with a body that is not JSON"));
+                fail(format!(
+                    "{target} answered {code} with a body that is not JSON"
+                ));
                 Err(exit::UNKNOWN)
             }
         },
@@ -195,7 +228,12 @@ fn status(flag: Option<&Path>, target: cli::TargetArgs, json_out: bool) -> u8 {
         Err(code) => return code,
     };
     if code == 403 || v.get("state").is_none() {
-        fail(format!("{target} answered {code}: {}", v.get("error").and_then(Value::as_str).unwrap_or("unexpected answer")));
+        fail(format!(
+            "{target} answered {code}: {}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unexpected answer")
+        ));
         return exit::UNKNOWN;
     }
     if json_out {
@@ -207,11 +245,33 @@ fn status(flag: Option<&Path>, target: cli::TargetArgs, json_out: bool) -> u8 {
         let tripped: Vec<String> = v
             .get("tripped")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
-        println!("state:     {} (health {}, lifecycle {})", s("state"), s("health"), s("lifecycle"));
-        println!("checks:    {} ok, {} warning, {} critical, {} unknown", n("ok"), n("warning"), n("critical"), n("unknown"));
-        println!("tripped:   {}", if tripped.is_empty() { "none".to_string() } else { tripped.join(", ") });
+        println!(
+            "state:     {} (health {}, lifecycle {})",
+            s("state"),
+            s("health"),
+            s("lifecycle")
+        );
+        println!(
+            "checks:    {} ok, {} warning, {} critical, {} unknown",
+            n("ok"),
+            n("warning"),
+            n("critical"),
+            n("unknown")
+        );
+        println!(
+            "tripped:   {}",
+            if tripped.is_empty() {
+                "none".to_string()
+            } else {
+                tripped.join(", ")
+            }
+        );
         if let Some(r) = v.get("reason").and_then(Value::as_str) {
             println!("reason:    {r}");
         }
@@ -236,19 +296,34 @@ fn lifecycle(cmd: LifecycleCommand) -> u8 {
                         exit::OK
                     }
                     None => {
-                        fail(format!("{target}: {}", v.get("error").and_then(Value::as_str).unwrap_or("no lifecycle in the answer")));
+                        fail(format!(
+                            "{target}: {}",
+                            v.get("error")
+                                .and_then(Value::as_str)
+                                .unwrap_or("no lifecycle in the answer")
+                        ));
                         exit::UNKNOWN
                     }
                 },
                 Err(code) => code,
             }
         }
-        LifecycleCommand::Set { state, reason, config, socket } => {
+        LifecycleCommand::Set {
+            state,
+            reason,
+            config,
+            socket,
+        } => {
             let target = match resolve_target(config.config.as_deref(), None, socket.as_deref()) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            match ask(&target, Method::POST, "/lifecycle", Some(json!({ "state": state, "reason": reason }))) {
+            match ask(
+                &target,
+                Method::POST,
+                "/lifecycle",
+                Some(json!({ "state": state, "reason": reason })),
+            ) {
                 Ok((200, v)) => {
                     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
                     println!("lifecycle: {} -> {}", s("previous"), s("state"));
@@ -259,7 +334,14 @@ fn lifecycle(cmd: LifecycleCommand) -> u8 {
                     match v.get("legal").and_then(Value::as_array) {
                         Some(legal) => {
                             let l: Vec<&str> = legal.iter().filter_map(Value::as_str).collect();
-                            fail(format!("{msg}; legal: {}", if l.is_empty() { "none".into() } else { l.join(", ") }));
+                            fail(format!(
+                                "{msg}; legal: {}",
+                                if l.is_empty() {
+                                    "none".into()
+                                } else {
+                                    l.join(", ")
+                                }
+                            ));
                         }
                         None => fail(format!("{target} answered {code}: {msg}")),
                     }

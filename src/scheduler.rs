@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::checks::{AnyCheck, CheckContext, CheckError, CheckSpec, Common, Observation, Status, Unit};
+use crate::checks::{
+    AnyCheck, CheckContext, CheckError, CheckSpec, Common, Observation, Status, Unit,
+};
 use crate::config::Config;
 use crate::state::{CheckView, Hysteresis, Shared, Transition};
 
@@ -61,7 +63,12 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// A scheduler that publishes into `shared`; tasks stop when `shutdown` is cancelled.
-    pub fn new(shared: Arc<Shared>, cx: CheckContext, max_concurrent: usize, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        cx: CheckContext,
+        max_concurrent: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         Scheduler {
             shared,
             cx: Arc::new(cx),
@@ -79,7 +86,11 @@ impl Scheduler {
         let wanted: Vec<(String, CheckSpec<'_>, Entry)> = config
             .enabled_checks()
             .map(|(name, spec)| {
-                let entry = Entry { kind: spec.kind(), common: spec.common(config.agent.interval), fingerprint: format!("{spec:?}") };
+                let entry = Entry {
+                    kind: spec.kind(),
+                    common: spec.common(config.agent.interval),
+                    fingerprint: format!("{spec:?}"),
+                };
                 (name.to_string(), spec, entry)
             })
             .collect();
@@ -142,7 +153,8 @@ impl Scheduler {
 
         // Publish in config order; drop views of removed checks.
         self.shared.update(|s| {
-            let mut by_name: HashMap<String, Arc<CheckView>> = s.checks.drain(..).map(|c| (c.name.clone(), c)).collect();
+            let mut by_name: HashMap<String, Arc<CheckView>> =
+                s.checks.drain(..).map(|c| (c.name.clone(), c)).collect();
             s.checks = order.iter().filter_map(|n| by_name.remove(n)).collect();
         });
         (added, removed, changed)
@@ -237,12 +249,26 @@ impl CheckTask {
         true
     }
 
-    fn record(&self, result: Result<Observation, CheckError>, wall: SystemTime, mono: Instant, elapsed: Duration) {
+    fn record(
+        &self,
+        result: Result<Observation, CheckError>,
+        wall: SystemTime,
+        mono: Instant,
+        elapsed: Duration,
+    ) {
         let (obs, success) = match result {
             Ok(o) => (o, true),
             Err(e) => {
                 debug!(error = %e, "check could not measure");
-                (Observation { status: Status::Unknown, value: None, message: e.to_string(), metrics: Vec::new() }, false)
+                (
+                    Observation {
+                        status: Status::Unknown,
+                        value: None,
+                        message: e.to_string(),
+                        metrics: Vec::new(),
+                    },
+                    false,
+                )
             }
         };
         let name = &self.name;
@@ -273,7 +299,9 @@ impl CheckTask {
             *slot = Arc::new(v);
             Some((previous, was_sampled, t))
         });
-        let Some((previous, was_sampled, t)) = transition else { return };
+        let Some((previous, was_sampled, t)) = transition else {
+            return;
+        };
         match t {
             Some(Transition::Tripped(level)) => {
                 warn!(status = %obs.status, level = %level, message = %obs.message, "check tripped")
@@ -292,7 +320,11 @@ impl CheckTask {
 ///
 /// # Errors
 /// The first name that matches no configured check.
-pub async fn run_once(config: &Config, names: &[String], cx: CheckContext) -> Result<Vec<Arc<CheckView>>, String> {
+pub async fn run_once(
+    config: &Config,
+    names: &[String],
+    cx: CheckContext,
+) -> Result<Vec<Arc<CheckView>>, String> {
     for n in names {
         if !config.check.iter().any(|(name, _)| name == n) {
             return Err(format!("no check named {n:?} in the config"));
@@ -302,7 +334,11 @@ pub async fn run_once(config: &Config, names: &[String], cx: CheckContext) -> Re
         config.enabled_checks().collect()
     } else {
         // A check named explicitly runs even when disabled: the operator asked for it.
-        config.check.iter().filter(|(n, _)| names.iter().any(|x| x == n)).collect()
+        config
+            .check
+            .iter()
+            .filter(|(n, _)| names.iter().any(|x| x == n))
+            .collect()
     };
     let shared = Arc::new(Shared::new(crate::state::Snapshot {
         checks: Vec::new(),
@@ -324,7 +360,15 @@ pub async fn run_once(config: &Config, names: &[String], cx: CheckContext) -> Re
         let common = spec.common(config.agent.interval);
         let unit = crate::checks::kind_info(spec.kind()).map_or(Unit::Count, |k| k.unit);
         let h = Hysteresis::new(common.trip_after, common.clear_after);
-        let view = CheckView::pending(name, spec.kind(), unit, common.interval, common.timeout, common.essential, h);
+        let view = CheckView::pending(
+            name,
+            spec.kind(),
+            unit,
+            common.interval,
+            common.timeout,
+            common.essential,
+            h,
+        );
         shared.update(|s| s.checks.push(Arc::new(view)));
         let mut task = CheckTask {
             name: name.to_string(),

@@ -172,7 +172,8 @@ impl CheckView {
     /// Whether the newest sample is older than [`STALE_INTERVALS`] intervals (a check that
     /// has never been sampled is not stale but pending).
     pub fn is_stale(&self, now: Instant) -> bool {
-        self.sampled_mono.is_some_and(|t| now.saturating_duration_since(t) > self.interval * STALE_INTERVALS)
+        self.sampled_mono
+            .is_some_and(|t| now.saturating_duration_since(t) > self.interval * STALE_INTERVALS)
     }
 
     /// Whether the scheduler is overdue on this check: no completed run within three
@@ -220,7 +221,11 @@ impl Snapshot {
 
     /// Names of checks whose newest sample is stale.
     pub fn stale(&self, now: Instant) -> Vec<&str> {
-        self.checks.iter().filter(|c| c.is_stale(now)).map(|c| c.name.as_str()).collect()
+        self.checks
+            .iter()
+            .filter(|c| c.is_stale(now))
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     /// Whether the scheduler is making progress on every check.
@@ -244,7 +249,10 @@ pub struct Shared {
 impl Shared {
     /// Publishes `initial`.
     pub fn new(initial: Snapshot) -> Self {
-        Shared { current: ArcSwap::from_pointee(initial), write: Mutex::new(()) }
+        Shared {
+            current: ArcSwap::from_pointee(initial),
+            write: Mutex::new(()),
+        }
     }
 
     /// The current snapshot (lock-free).
@@ -279,7 +287,10 @@ mod tests {
         assert_eq!(h.observe(Warning), Some(Transition::Tripped(Critical)));
         assert!(h.tripped);
         assert_eq!(h.observe(Ok), None);
-        assert!(h.tripped, "one ok sample is not enough with clear_after = 2");
+        assert!(
+            h.tripped,
+            "one ok sample is not enough with clear_after = 2"
+        );
         assert_eq!(h.observe(Ok), Some(Transition::Cleared));
         assert_eq!(h.level, Ok);
     }

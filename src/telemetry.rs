@@ -27,7 +27,9 @@ impl LevelHandle {
         if self.from_env {
             return Ok(());
         }
-        let filter = EnvFilter::builder().parse(level).map_err(|e| e.to_string())?;
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| e.to_string())?;
         self.handle.reload(filter).map_err(|e| e.to_string())
     }
 }
@@ -48,17 +50,29 @@ pub fn init(cfg: &LogConfig) -> Result<Telemetry, String> {
     let env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
     let from_env = env.is_some();
     let directive = env.unwrap_or_else(|| cfg.level.clone());
-    let filter = EnvFilter::builder().parse(&directive).map_err(|e| format!("log filter {directive:?}: {e}"))?;
+    let filter = EnvFilter::builder()
+        .parse(&directive)
+        .map_err(|e| format!("log filter {directive:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
 
     let stderr = match cfg.format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let (file, guard) = match &cfg.file {
         Some(path) => {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let name = path.file_name().ok_or_else(|| format!("[log].file {} has no file name", path.display()))?;
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = path
+                .file_name()
+                .ok_or_else(|| format!("[log].file {} has no file name", path.display()))?;
             let appender = tracing_appender::rolling::RollingFileAppender::builder()
                 .rotation(tracing_appender::rolling::Rotation::DAILY)
                 .filename_prefix(name.to_string_lossy().into_owned())
@@ -66,8 +80,14 @@ pub fn init(cfg: &LogConfig) -> Result<Telemetry, String> {
                 .map_err(|e| format!("[log].file {}: {e}", path.display()))?;
             let (w, g) = tracing_appender::non_blocking(appender);
             let layer = match cfg.format {
-                LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(false).with_writer(w).boxed(),
-                LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(w).boxed(),
+                LogFormat::Text => tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(w)
+                    .boxed(),
+                LogFormat::Json => tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(w)
+                    .boxed(),
             };
             (Some(layer), Some(g))
         }
@@ -79,5 +99,8 @@ pub fn init(cfg: &LogConfig) -> Result<Telemetry, String> {
         .with(file)
         .try_init()
         .map_err(|e| e.to_string())?;
-    Ok(Telemetry { _guard: guard, level: LevelHandle { handle, from_env } })
+    Ok(Telemetry {
+        _guard: guard,
+        level: LevelHandle { handle, from_env },
+    })
 }

@@ -63,6 +63,17 @@ crate::check_config! {
     }
 }
 
+impl DiskConfig {
+    /// Host-dependent facts, for an enabled check only: the path must exist, or the check
+    /// could never measure (a typo, or a mount point missing on this host).
+    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+        match std::fs::metadata(&self.path) {
+            Err(e) if enabled => vec![("path", format!("{}: {e}", self.path.display()))],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A running `disk` check: its policy, the fill-rate history and the in-flight `statvfs`.
 pub struct DiskCheck {
     path: PathBuf,

@@ -66,7 +66,11 @@ impl Status {
 
     /// The worse of two statuses by [`Status::severity`].
     pub fn worse(self, other: Status) -> Status {
-        if other.severity() > self.severity() { other } else { self }
+        if other.severity() > self.severity() {
+            other
+        } else {
+            self
+        }
     }
 
     /// The lowercase name.
@@ -145,12 +149,24 @@ pub struct Metric {
 impl Metric {
     /// A gauge without extra labels.
     pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Self {
-        Metric { name, help, kind: MetricKind::Gauge, labels: Vec::new(), value }
+        Metric {
+            name,
+            help,
+            kind: MetricKind::Gauge,
+            labels: Vec::new(),
+            value,
+        }
     }
 
     /// A counter without extra labels.
     pub fn counter(name: &'static str, help: &'static str, value: f64) -> Self {
-        Metric { name, help, kind: MetricKind::Counter, labels: Vec::new(), value }
+        Metric {
+            name,
+            help,
+            kind: MetricKind::Counter,
+            labels: Vec::new(),
+            value,
+        }
     }
 
     /// Adds a label.
@@ -202,7 +218,10 @@ pub enum CheckError {
 impl CheckError {
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        CheckError::Io { context: context.into(), source }
+        CheckError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -218,7 +237,10 @@ pub struct CheckContext {
 impl CheckContext {
     /// The running host.
     pub fn host() -> Self {
-        CheckContext { proc_root: PathBuf::from("/proc"), sys_root: PathBuf::from("/sys") }
+        CheckContext {
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+        }
     }
 }
 
@@ -226,7 +248,10 @@ impl CheckContext {
 pub trait Check: Send {
     /// Measure once. `Err` means "could not measure"; a bad value is an `Ok` with a bad
     /// status. `&mut self` lets a kind keep state between runs (history, stuck calls).
-    fn run(&mut self, cx: &CheckContext) -> impl Future<Output = Result<Observation, CheckError>> + Send;
+    fn run(
+        &mut self,
+        cx: &CheckContext,
+    ) -> impl Future<Output = Result<Observation, CheckError>> + Send;
 }
 
 /// Settings every kind accepts, resolved against the agent's defaults.
@@ -278,7 +303,9 @@ pub fn resolve_common(
     let interval = interval.unwrap_or(default_interval).get();
     Common {
         interval,
-        timeout: timeout.map(Duration::get).unwrap_or_else(|| interval.min(DEFAULT_MAX_TIMEOUT)),
+        timeout: timeout
+            .map(Duration::get)
+            .unwrap_or_else(|| interval.min(DEFAULT_MAX_TIMEOUT)),
         trip_after: trip_after.unwrap_or(1).max(1),
         clear_after: clear_after.unwrap_or(1).max(1),
         remediation: remediation.clone(),
@@ -468,9 +495,9 @@ impl CheckSpec<'_> {
     /// Kind-specific problems as `(key, message)`; host-dependent facts only when `enabled`.
     pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
         match self {
-            CheckSpec::Disk(c) => validate_disk(c, enabled),
-            CheckSpec::Process(c) => validate_process(c),
-            CheckSpec::System(c) => validate_system(c),
+            CheckSpec::Disk(c) => c.validate(enabled),
+            CheckSpec::Process(c) => c.validate(),
+            CheckSpec::System(c) => c.validate(),
         }
     }
 
@@ -487,47 +514,20 @@ impl CheckSpec<'_> {
 impl ChecksConfig {
     /// Every configured check as `(name, spec)`, kinds in [`KINDS`] order, names in file order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, CheckSpec<'_>)> {
-        let disk = self.disk.iter().map(|(n, c)| (n.as_str(), CheckSpec::Disk(c)));
-        let process = self.process.iter().map(|(n, c)| (n.as_str(), CheckSpec::Process(c)));
-        let system = self.system.iter().map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
+        let disk = self
+            .disk
+            .iter()
+            .map(|(n, c)| (n.as_str(), CheckSpec::Disk(c)));
+        let process = self
+            .process
+            .iter()
+            .map(|(n, c)| (n.as_str(), CheckSpec::Process(c)));
+        let system = self
+            .system
+            .iter()
+            .map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
         disk.chain(process).chain(system)
     }
-}
-
-fn validate_disk(c: &disk::DiskConfig, enabled: bool) -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    if enabled {
-        if let Err(e) = std::fs::metadata(&c.path) {
-            v.push(("path", format!("{}: {e}", c.path.display())));
-        }
-    }
-    v
-}
-
-fn validate_process(c: &process::ProcessConfig) -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    match (&c.name, &c.pidfile) {
-        (None, None) => v.push(("name", "set either `name` (the process's comm) or `pidfile`".into())),
-        (Some(_), Some(_)) => v.push(("pidfile", "set `name` or `pidfile`, not both".into())),
-        (Some(n), None) if n.is_empty() || n.len() > 15 => {
-            v.push(("name", format!("{n:?} cannot match: a comm is 1 to 15 characters")))
-        }
-        _ => {}
-    }
-    if let (Some(min), Some(max)) = (c.min, c.max) {
-        if min > max {
-            v.push(("max", format!("max ({max}) is less than min ({min})")));
-        }
-    }
-    v
-}
-
-fn validate_system(c: &system::SystemConfig) -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    if !Thresholds::lower(c.mem_warn.map(|r| r.0), c.mem_crit.map(|r| r.0)).is_ordered() {
-        v.push(("mem_crit", "mem_warn must not be less than mem_crit (lower is worse)".into()));
-    }
-    v
 }
 
 /// A runnable check of any kind (the registry's enum; mini-redis's `Command`).
@@ -570,7 +570,11 @@ mod tests {
         for k in KINDS {
             assert!(seen.insert(k.name), "duplicate kind {}", k.name);
             assert!(k.name.len() <= 32);
-            assert!(k.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+            assert!(
+                k.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_')
+            );
         }
     }
 
@@ -583,7 +587,8 @@ mod tests {
         };
         for k in KINDS {
             let doc = format!("[{}.x]\n{}\n", k.name, minimal(k.name));
-            let cfg: ChecksConfig = toml::from_str(&doc).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+            let cfg: ChecksConfig =
+                toml::from_str(&doc).unwrap_or_else(|e| panic!("{}: {e}", k.name));
             let specs: Vec<_> = cfg.iter().collect();
             assert_eq!(specs.len(), 1, "{}", k.name);
             assert_eq!(specs[0].1.kind(), k.name);

@@ -69,24 +69,37 @@ impl ProcessConfig {
     ///
     /// # Errors
     /// A message naming the offending keys.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
         match (&self.name, &self.pidfile) {
-            (Some(_), Some(_)) => return Err("give either `name` or `pidfile`, not both".into()),
-            (None, None) => return Err("one of `name` or `pidfile` is required".into()),
+            (Some(_), Some(_)) => problems.push((
+                "pidfile",
+                "give either `name` or `pidfile`, not both".into(),
+            )),
+            (None, None) => {
+                problems.push(("name", "one of `name` or `pidfile` is required".into()))
+            }
             (Some(n), None) if n.is_empty() || n.len() > COMM_MAX => {
-                return Err(format!(
-                    "{n:?} cannot match: a comm is 1 to {COMM_MAX} bytes"
+                problems.push((
+                    "name",
+                    format!("{n:?} cannot match: a comm is 1 to {COMM_MAX} bytes"),
                 ));
             }
             _ => {}
         }
         if let Some((min, max)) = self.min.zip(self.max).filter(|(min, max)| min > max) {
-            return Err(format!("`min` ({min}) is greater than `max` ({max})"));
+            problems.push((
+                "max",
+                format!("`min` ({min}) is greater than `max` ({max})"),
+            ));
         }
         if let Some((w, c)) = self.fd_warn.zip(self.fd_crit).filter(|(w, c)| w.0 > c.0) {
-            return Err(format!("`fd_warn` ({w}) is greater than `fd_crit` ({c})"));
+            problems.push((
+                "fd_crit",
+                format!("`fd_warn` ({w}) is greater than `fd_crit` ({c})"),
+            ));
         }
-        Ok(())
+        problems
     }
 }
 
@@ -115,10 +128,11 @@ pub struct ProcessCheck {
 impl ProcessCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &ProcessConfig) -> Self {
-        let target = match (&c.name, &c.pidfile, c.validate()) {
-            (Some(n), None, Ok(())) => Target::Name(n.clone()),
-            (None, Some(p), Ok(())) => Target::Pidfile(p.clone()),
-            (_, _, Err(e)) => Target::Invalid(e),
+        let problems = c.validate();
+        let target = match (&c.name, &c.pidfile, problems.first()) {
+            (Some(n), None, None) => Target::Name(n.clone()),
+            (None, Some(p), None) => Target::Pidfile(p.clone()),
+            (_, _, Some((_, e))) => Target::Invalid(e.clone()),
             // validate() accepted it, so exactly one of name and pidfile is set.
             _ => Target::Invalid("one of `name` or `pidfile` is required".into()),
         };
@@ -779,7 +793,13 @@ mod tests {
 
     #[test]
     fn validation_names_the_keys() {
-        let c = |t: &str| toml::from_str::<ProcessConfig>(t).unwrap().validate();
+        let c = |t: &str| {
+            let v = toml::from_str::<ProcessConfig>(t).unwrap().validate();
+            match v.first() {
+                None => Ok(()),
+                Some((_, m)) => Err(m.clone()),
+            }
+        };
         assert!(c("name = \"postgres\"").is_ok());
         assert!(c("pidfile = \"/run/x.pid\"").is_ok());
         assert!(c("").unwrap_err().contains("required"));

@@ -66,16 +66,21 @@ impl SystemConfig {
     ///
     /// # Errors
     /// A message naming the keys in the wrong order.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
         if let Some((w, c)) = self.mem_warn.zip(self.mem_crit).filter(|(w, c)| w.0 < c.0) {
-            return Err(format!(
-                "`mem_warn` ({w}) is below `mem_crit` ({c}); less memory available is worse, so warn must be the larger"
+            problems.push((
+                "mem_crit",
+                format!("`mem_warn` ({w}) is below `mem_crit` ({c}); less memory available is worse, so warn must be the larger"),
             ));
         }
         if let Some((w, c)) = self.psi_warn.zip(self.psi_crit).filter(|(w, c)| w.0 > c.0) {
-            return Err(format!("`psi_warn` ({w}) is greater than `psi_crit` ({c})"));
+            problems.push((
+                "psi_crit",
+                format!("`psi_warn` ({w}) is greater than `psi_crit` ({c})"),
+            ));
         }
-        Ok(())
+        problems
     }
 }
 
@@ -743,7 +748,13 @@ mod tests {
 
     #[test]
     fn validation_names_the_keys() {
-        let c = |t: &str| toml::from_str::<SystemConfig>(t).unwrap().validate();
+        let c = |t: &str| {
+            let v = toml::from_str::<SystemConfig>(t).unwrap().validate();
+            match v.first() {
+                None => Ok(()),
+                Some((_, m)) => Err(m.clone()),
+            }
+        };
         assert!(c("mem_warn = \"10%\"\nmem_crit = \"5%\"").is_ok());
         assert!(
             c("mem_warn = \"5%\"\nmem_crit = \"10%\"")

@@ -29,12 +29,20 @@ pub struct Thresholds {
 impl Thresholds {
     /// Thresholds where more is worse.
     pub fn higher(warn: Option<f64>, crit: Option<f64>) -> Self {
-        Thresholds { warn, crit, direction: Direction::HigherIsWorse }
+        Thresholds {
+            warn,
+            crit,
+            direction: Direction::HigherIsWorse,
+        }
     }
 
     /// Thresholds where less is worse.
     pub fn lower(warn: Option<f64>, crit: Option<f64>) -> Self {
-        Thresholds { warn, crit, direction: Direction::LowerIsWorse }
+        Thresholds {
+            warn,
+            crit,
+            direction: Direction::LowerIsWorse,
+        }
     }
 
     /// Classifies `value`. NaN cannot be compared and is `unknown`.

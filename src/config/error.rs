@@ -49,8 +49,18 @@ fn render(path: &Path, problems: &[Problem]) -> String {
     let lines: Vec<String> = problems
         .iter()
         .map(|p| {
-            let key = if p.key.is_empty() { String::new() } else { format!("{}: ", p.key) };
-            format!("{}:{}:{}: {key}{}", path.display(), p.line, p.column, p.message)
+            let key = if p.key.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", p.key)
+            };
+            format!(
+                "{}:{}:{}: {key}{}",
+                path.display(),
+                p.line,
+                p.column,
+                p.message
+            )
         })
         .collect();
     lines.join("\n")
@@ -58,7 +68,11 @@ fn render(path: &Path, problems: &[Problem]) -> String {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}: {}", self.line, self.column, self.key, self.message)
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.line, self.column, self.key, self.message
+        )
     }
 }
 
@@ -84,15 +98,31 @@ pub fn from_toml(doc: &str, err: &toml::de::Error) -> Problem {
     let (line, column) = line_col(doc, span.start);
     let key = key_at(doc, span.start).unwrap_or_default();
     // toml's messages are occasionally several lines; one problem is one line.
-    let message = err.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-    Problem { line, column, key, message }
+    let message = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Problem {
+        line,
+        column,
+        key,
+        message,
+    }
 }
 
 /// Builds a problem for a key path, locating the key in the document.
 pub fn at_key(doc: &str, key: &[&str], message: impl Into<String>) -> Problem {
     let span = span_of(doc, key).unwrap_or(0..0);
     let (line, column) = line_col(doc, span.start);
-    Problem { line, column, key: join_key(key), message: message.into() }
+    Problem {
+        line,
+        column,
+        key: join_key(key),
+        message: message.into(),
+    }
 }
 
 /// Renders a key path with TOML quoting where a segment needs it.
@@ -100,7 +130,10 @@ pub fn join_key<S: AsRef<str>>(key: &[S]) -> String {
     key.iter()
         .map(|k| {
             let k = k.as_ref();
-            if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            if !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
                 k.to_string()
             } else {
                 format!("{k:?}")
@@ -172,13 +205,17 @@ fn span_of(doc: &str, key: &[&str]) -> Option<Range<usize>> {
 mod tests {
     use super::*;
 
-    const DOC: &str = "[agent]\ninterval = \"10s\"\n\n[check.disk.root]\npath = \"/\"\nwarn = \"80%\"\n";
+    const DOC: &str =
+        "[agent]\ninterval = \"10s\"\n\n[check.disk.root]\npath = \"/\"\nwarn = \"80%\"\n";
 
     #[test]
     fn offsets_map_to_the_innermost_key() {
         let warn = DOC.find("\"80%\"").unwrap();
         assert_eq!(key_at(DOC, warn).as_deref(), Some("check.disk.root.warn"));
-        assert_eq!(key_at(DOC, DOC.find("interval").unwrap()).as_deref(), Some("agent.interval"));
+        assert_eq!(
+            key_at(DOC, DOC.find("interval").unwrap()).as_deref(),
+            Some("agent.interval")
+        );
     }
 
     #[test]
@@ -191,7 +228,7 @@ mod tests {
 
     #[test]
     fn line_col_counts_characters() {
-        assert_eq!(line_col("a\nbé c", 5), (2, 4));
+        assert_eq!(line_col("a\nbé c", 5), (2, 3));
         assert_eq!(line_col("", 0), (1, 1));
     }
 }

@@ -103,8 +103,14 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9797)),
             allow: vec![
-                AllowNet(IpNet::V4(ipnet::Ipv4Net::new_assert([127, 0, 0, 0].into(), 8))),
-                AllowNet(IpNet::V6(ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::LOCALHOST, 128))),
+                AllowNet(IpNet::V4(ipnet::Ipv4Net::new_assert(
+                    [127, 0, 0, 0].into(),
+                    8,
+                ))),
+                AllowNet(IpNet::V6(ipnet::Ipv6Net::new_assert(
+                    std::net::Ipv6Addr::LOCALHOST,
+                    128,
+                ))),
             ],
             admin_socket: PathBuf::from("/run/vigil/admin.sock"),
             max_connections: 256,
@@ -135,7 +141,11 @@ impl<'de> Deserialize<'de> for AllowNet {
         }
         s.parse::<IpAddr>()
             .map(|a| AllowNet(IpNet::from(a)))
-            .map_err(|_| serde::de::Error::custom(format!("invalid network {s:?}: expected an address or CIDR such as \"10.0.0.0/8\"")))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "invalid network {s:?}: expected an address or CIDR such as \"10.0.0.0/8\""
+                ))
+            })
     }
 }
 
@@ -164,7 +174,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Text, file: None }
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            file: None,
+        }
     }
 }
 
@@ -180,7 +194,10 @@ pub struct AutomationConfig {
 
 impl Default for AutomationConfig {
     fn default() -> Self {
-        AutomationConfig { dir: PathBuf::from("/etc/vigil/remediations.d"), dry_run: false }
+        AutomationConfig {
+            dir: PathBuf::from("/etc/vigil/remediations.d"),
+            dry_run: false,
+        }
     }
 }
 
@@ -251,7 +268,10 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
 /// problem found otherwise.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let doc = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let doc = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse(path, &doc)
 }
 
@@ -260,12 +280,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// # Errors
 /// [`ConfigError::Invalid`] with every problem found.
 pub fn parse(path: &Path, doc: &str) -> Result<Config, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
-    let mut config: Config = toml::from_str(doc).map_err(|e| invalid(vec![error::from_toml(doc, &e)]))?;
-    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let invalid = |problems| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    };
+    let mut config: Config =
+        toml::from_str(doc).map_err(|e| invalid(vec![error::from_toml(doc, &e)]))?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     config.resolve_paths(base);
     let problems = config.validate(doc);
-    if problems.is_empty() { Ok(config) } else { Err(invalid(problems)) }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(problems))
+    }
 }
 
 fn resolve(base: &Path, p: &mut PathBuf) {
@@ -283,13 +314,19 @@ fn normalize(p: &Path) -> PathBuf {
     for c in p.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
                 out.pop();
             }
             other => out.push(other.as_os_str()),
         }
     }
-    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    }
 }
 
 impl Config {
@@ -322,13 +359,22 @@ impl Config {
             add(&["agent", "interval"], "must be greater than zero".into());
         }
         if self.agent.max_concurrent_checks == 0 {
-            add(&["agent", "max_concurrent_checks"], "must be at least 1".into());
+            add(
+                &["agent", "max_concurrent_checks"],
+                "must be at least 1".into(),
+            );
         }
         if self.agent.host_id.trim().is_empty() {
-            add(&["agent", "host_id"], "must not be empty (use \"auto\" for /etc/machine-id)".into());
+            add(
+                &["agent", "host_id"],
+                "must not be empty (use \"auto\" for /etc/machine-id)".into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
-            add(&["log", "level"], format!("invalid log filter {:?}: {e}", self.log.level));
+            add(
+                &["log", "level"],
+                format!("invalid log filter {:?}: {e}", self.log.level),
+            );
         }
         if self.api.max_connections == 0 {
             add(&["api", "max_connections"], "must be at least 1".into());
@@ -346,10 +392,20 @@ impl Config {
                 k
             };
             if !is_valid_name(name) {
-                add(&key(None), format!("invalid check name {name:?}: use lowercase letters, digits, '-' and '_'"));
+                add(
+                    &key(None),
+                    format!(
+                        "invalid check name {name:?}: use lowercase letters, digits, '-' and '_'"
+                    ),
+                );
             }
             if let Some(other) = seen.insert(name, kind) {
-                add(&key(None), format!("duplicate check name {name:?} (also a {other} check); names are unique across kinds"));
+                add(
+                    &key(None),
+                    format!(
+                        "duplicate check name {name:?} (also a {other} check); names are unique across kinds"
+                    ),
+                );
             }
             let common = spec.common(self.agent.interval);
             if common.interval.is_zero() {
@@ -366,16 +422,27 @@ impl Config {
             }
             if let Some(r) = &common.remediation {
                 if !self.remediation.contains_key(r) {
-                    add(&key(Some("remediation")), format!("unknown remediation {r:?} (no [remediation.{r}])"));
+                    add(
+                        &key(Some("remediation")),
+                        format!("unknown remediation {r:?} (no [remediation.{r}])"),
+                    );
                 }
             }
             if let Some(info) = checks::kind_info(kind) {
                 let (warn, crit) = spec.raw_thresholds();
-                let t = Thresholds { warn, crit, direction: info.direction };
+                let t = Thresholds {
+                    warn,
+                    crit,
+                    direction: info.direction,
+                };
                 if !t.is_ordered() {
                     let order = match info.direction {
-                        checks::Direction::HigherIsWorse => "warn must not be greater than crit (higher is worse for this kind)",
-                        checks::Direction::LowerIsWorse => "warn must not be less than crit (lower is worse for this kind)",
+                        checks::Direction::HigherIsWorse => {
+                            "warn must not be greater than crit (higher is worse for this kind)"
+                        }
+                        checks::Direction::LowerIsWorse => {
+                            "warn must not be less than crit (lower is worse for this kind)"
+                        }
                     };
                     add(&key(Some("crit")), order.into());
                 }
@@ -388,10 +455,18 @@ impl Config {
         for (name, r) in &self.remediation {
             let key = |leaf: &'static str| ["remediation", name.as_str(), leaf];
             if !is_valid_name(name) {
-                add(&["remediation", name], format!("invalid remediation name {name:?}: use lowercase letters, digits, '-' and '_'"));
+                add(
+                    &["remediation", name],
+                    format!(
+                        "invalid remediation name {name:?}: use lowercase letters, digits, '-' and '_'"
+                    ),
+                );
             }
             if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                add(&key("sha256"), "must be 64 hex digits (print it with `vigil approve FILE`)".into());
+                add(
+                    &key("sha256"),
+                    "must be 64 hex digits (print it with `vigil approve FILE`)".into(),
+                );
             }
             if r.max_runs == 0 {
                 add(&key("max_runs"), "must be at least 1".into());
@@ -411,8 +486,10 @@ impl Config {
     }
 }
 
-
 /// Check and remediation names: `[a-z0-9_-]+`.
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }

@@ -12,8 +12,8 @@
 use std::fmt;
 use std::time::Duration as StdDuration;
 
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 /// A span of time written as `"500ms"`, `"10s"`, `"15m"`, `"2h"` or `"14d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -110,10 +110,17 @@ pub fn parse_size(s: &str) -> Result<ByteSize, String> {
     let mult = if unit.is_empty() {
         1
     } else {
-        SIZE_UNITS.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m).ok_or_else(bad)?
+        SIZE_UNITS
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, m)| *m)
+            .ok_or_else(bad)?
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"));
+        return n
+            .checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"));
     }
     let f: f64 = num.parse().map_err(|_| bad())?;
     let bytes = (f * mult as f64).round();
@@ -127,7 +134,12 @@ impl fmt::Display for ByteSize {
     /// Renders with the largest unit that divides the value exactly, so that the text
     /// parses back to the same number of bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, mult) in [("TB", 1u64 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)] {
+        for (unit, mult) in [
+            ("TB", 1u64 << 40),
+            ("GB", 1 << 30),
+            ("MB", 1 << 20),
+            ("kB", 1 << 10),
+        ] {
             if self.0 >= mult && self.0 % mult == 0 {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
@@ -171,14 +183,18 @@ pub struct Ratio(pub f64);
 pub fn parse_ratio(s: &str) -> Result<Ratio, String> {
     let t = s.trim();
     let Some(num) = t.strip_suffix('%') else {
-        return Err(format!("invalid ratio {s:?}: expected a percentage such as \"80%\""));
+        return Err(format!(
+            "invalid ratio {s:?}: expected a percentage such as \"80%\""
+        ));
     };
     let v: f64 = num
         .trim()
         .parse()
         .map_err(|_| format!("invalid ratio {s:?}: expected a percentage such as \"80%\""))?;
     if !(0.0..=100.0).contains(&v) {
-        return Err(format!("invalid ratio {s:?}: a percentage must be between 0% and 100%"));
+        return Err(format!(
+            "invalid ratio {s:?}: a percentage must be between 0% and 100%"
+        ));
     }
     Ok(Ratio(v / 100.0))
 }
@@ -281,7 +297,18 @@ mod tests {
 
     #[test]
     fn sizes_reject_wrong_case_and_unknown_units() {
-        for bad in ["16mb", "16KB", "16 M", "MB", "", "-1", "1.MB", ".5MB", "16MBx", "99999999999TB"] {
+        for bad in [
+            "16mb",
+            "16KB",
+            "16 M",
+            "MB",
+            "",
+            "-1",
+            "1.MB",
+            ".5MB",
+            "16MBx",
+            "99999999999TB",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be refused");
         }
     }

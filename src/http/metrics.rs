@@ -44,7 +44,14 @@ struct Families {
 }
 
 impl Families {
-    fn add(&mut self, name: &'static str, help: &'static str, kind: MetricKind, labels: &[(&str, &str)], value: f64) {
+    fn add(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        kind: MetricKind,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
         let fam = self.map.entry(name).or_insert_with(|| {
             let mut f = MetricFamily::default();
             f.set_name(name.to_string());
@@ -90,10 +97,22 @@ pub fn render(snap: &Snapshot) -> String {
     let mut f = Families::default();
     use MetricKind::{Counter as C, Gauge as G};
 
-    f.add("vigil_build_info", "vigil's version; always 1.", G, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    f.add(
+        "vigil_build_info",
+        "vigil's version; always 1.",
+        G,
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1.0,
+    );
     let state = snap.state();
     for s in ALL_STATES {
-        f.add("vigil_host_state", "The reported host state: 1 for the current one.", G, &[("state", s.as_str())], f64::from(u8::from(s == state)));
+        f.add(
+            "vigil_host_state",
+            "The reported host state: 1 for the current one.",
+            G,
+            &[("state", s.as_str())],
+            f64::from(u8::from(s == state)),
+        );
     }
     f.add(
         "vigil_config_last_reload_successful",
@@ -105,21 +124,70 @@ pub fn render(snap: &Snapshot) -> String {
 
     for c in &snap.checks {
         let l: &[(&str, &str)] = &[("check", &c.name), ("kind", c.kind)];
-        f.add("vigil_check_runs_total", "Runs of the check.", C, l, c.runs as f64);
-        f.add("vigil_check_failures_total", "Runs that could not measure (error or timeout).", C, l, c.failures as f64);
+        f.add(
+            "vigil_check_runs_total",
+            "Runs of the check.",
+            C,
+            l,
+            c.runs as f64,
+        );
+        f.add(
+            "vigil_check_failures_total",
+            "Runs that could not measure (error or timeout).",
+            C,
+            l,
+            c.failures as f64,
+        );
         let Some(at) = c.sampled_at else { continue };
-        f.add("vigil_check_status", "Newest status: 0 ok, 1 warning, 2 critical, 3 unknown.", G, l, f64::from(c.status.nagios_code()));
-        f.add("vigil_check_success", "1 when the newest run measured, 0 when it could not.", G, l, f64::from(u8::from(c.success)));
-        f.add("vigil_check_tripped", "1 while the check is tripped (after trip_after non-ok samples).", G, l, f64::from(u8::from(c.hysteresis.tripped)));
-        f.add("vigil_check_duration_seconds", "How long the newest run took.", G, l, c.duration.as_secs_f64());
-        let ts = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        f.add("vigil_check_last_run_timestamp_seconds", "When the newest run started, in Unix seconds.", G, l, ts);
+        f.add(
+            "vigil_check_status",
+            "Newest status: 0 ok, 1 warning, 2 critical, 3 unknown.",
+            G,
+            l,
+            f64::from(c.status.nagios_code()),
+        );
+        f.add(
+            "vigil_check_success",
+            "1 when the newest run measured, 0 when it could not.",
+            G,
+            l,
+            f64::from(u8::from(c.success)),
+        );
+        f.add(
+            "vigil_check_tripped",
+            "1 while the check is tripped (after trip_after non-ok samples).",
+            G,
+            l,
+            f64::from(u8::from(c.hysteresis.tripped)),
+        );
+        f.add(
+            "vigil_check_duration_seconds",
+            "How long the newest run took.",
+            G,
+            l,
+            c.duration.as_secs_f64(),
+        );
+        let ts = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        f.add(
+            "vigil_check_last_run_timestamp_seconds",
+            "When the newest run started, in Unix seconds.",
+            G,
+            l,
+            ts,
+        );
         if let Some(v) = c.value {
             f.add(
                 "vigil_check_value",
                 "The check's primary value in its unit.",
                 G,
-                &[("check", &c.name), ("kind", c.kind), ("unit", c.unit.as_str())],
+                &[
+                    ("check", &c.name),
+                    ("kind", c.kind),
+                    ("unit", c.unit.as_str()),
+                ],
                 v,
             );
         }
@@ -151,7 +219,15 @@ mod tests {
     /// node_exporter's e2e-output idea: the whole exposition of a fixed snapshot.
     #[test]
     fn renders_a_stable_exposition() {
-        let mut v = CheckView::pending("root", "disk", Unit::Ratio, Duration::from_secs(10), Duration::from_secs(3), false, Hysteresis::new(1, 1));
+        let mut v = CheckView::pending(
+            "root",
+            "disk",
+            Unit::Ratio,
+            Duration::from_secs(10),
+            Duration::from_secs(3),
+            false,
+            Hysteresis::new(1, 1),
+        );
         v.hysteresis.observe(Status::Warning);
         v.status = Status::Warning;
         v.value = Some(0.85);
@@ -159,15 +235,24 @@ mod tests {
         v.duration = Duration::from_millis(2);
         v.success = true;
         v.runs = 3;
-        v.metrics = vec![Metric::gauge("vigil_disk_free_bytes", "Free bytes.", 1024.0).label("mountpoint", "/\"q\"")];
+        v.metrics = vec![
+            Metric::gauge("vigil_disk_free_bytes", "Free bytes.", 1024.0)
+                .label("mountpoint", "/\"q\""),
+        ];
         let snap = Snapshot {
             checks: vec![Arc::new(v)],
-            lifecycle: LifecycleRecord { v: 1, state: Lifecycle::Available, reason: String::new(), changed_at: String::new() },
+            lifecycle: LifecycleRecord {
+                v: 1,
+                state: Lifecycle::Available,
+                reason: String::new(),
+                changed_at: String::new(),
+            },
             config_error: None,
             first_round_done: true,
         };
         let out = render(&snap);
-        let expected = include_str!("../../tests/fixtures/metrics.golden.txt").replace("VERSION", env!("CARGO_PKG_VERSION"));
+        let expected = include_str!("../../tests/fixtures/metrics.golden.txt")
+            .replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(out, expected, "\n{out}");
     }
 }

@@ -74,13 +74,25 @@ async fn dispatch(api: &ApiState, access: Access, req: Request<Incoming>) -> rou
         match Limited::new(body, MAX_BODY_BYTES).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                return routes::error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or unreadable", "bad_request", json!({}));
+                return routes::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large or unreadable",
+                    "bad_request",
+                    json!({}),
+                );
             }
         }
     } else {
         Bytes::new()
     };
-    routes::handle(api, access, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+    routes::handle(
+        api,
+        access,
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query(),
+        &body,
+    )
 }
 
 fn forbidden(reason: &str) -> routes::Resp {
@@ -88,7 +100,13 @@ fn forbidden(reason: &str) -> routes::Resp {
 }
 
 /// Serves the read-only API on `listener` until `cancel`, then drains connections.
-pub async fn serve_tcp(listener: TcpListener, api: Arc<ApiState>, allow: Vec<AllowNet>, max_conns: usize, cancel: CancellationToken) {
+pub async fn serve_tcp(
+    listener: TcpListener,
+    api: Arc<ApiState>,
+    allow: Vec<AllowNet>,
+    max_conns: usize,
+    cancel: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(max_conns.max(1)));
     loop {
@@ -103,13 +121,22 @@ pub async fn serve_tcp(listener: TcpListener, api: Arc<ApiState>, allow: Vec<All
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
-        let access = if allow.iter().any(|n| n.contains(peer.ip())) { Some(Access::ReadOnly) } else { None };
+        let access = if allow.iter().any(|n| n.contains(peer.ip())) {
+            Some(Access::ReadOnly)
+        } else {
+            None
+        };
         let api = api.clone();
         match access {
             Some(a) => serve_conn(api, a, PermitIo::new(stream, permit), &graceful).await,
             None => {
                 debug!(%peer, "refusing a source outside [api].allow");
-                serve_forbidden(PermitIo::new(stream, permit), "source address not in [api].allow", &graceful).await;
+                serve_forbidden(
+                    PermitIo::new(stream, permit),
+                    "source address not in [api].allow",
+                    &graceful,
+                )
+                .await;
             }
         }
     }
@@ -118,7 +145,12 @@ pub async fn serve_tcp(listener: TcpListener, api: Arc<ApiState>, allow: Vec<All
 
 /// Serves the admin API on `listener` until `cancel`. Peers whose uid is neither root nor
 /// the agent's own get 403 on every request.
-pub async fn serve_unix(listener: UnixListener, api: Arc<ApiState>, max_conns: usize, cancel: CancellationToken) {
+pub async fn serve_unix(
+    listener: UnixListener,
+    api: Arc<ApiState>,
+    max_conns: usize,
+    cancel: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(max_conns.max(1)));
     let own_uid = nix::unistd::geteuid().as_raw();
@@ -137,10 +169,21 @@ pub async fn serve_unix(listener: UnixListener, api: Arc<ApiState>, max_conns: u
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         let trusted = matches!(uid, Some(u) if u == 0 || u == own_uid);
         if trusted {
-            serve_conn(api.clone(), Access::Admin, PermitIo::new(stream, permit), &graceful).await;
+            serve_conn(
+                api.clone(),
+                Access::Admin,
+                PermitIo::new(stream, permit),
+                &graceful,
+            )
+            .await;
         } else {
             warn!(peer_uid = ?uid, "admin socket: refusing a peer that is neither root nor the agent's user");
-            serve_forbidden(PermitIo::new(stream, permit), "peer uid not allowed on the admin socket", &graceful).await;
+            serve_forbidden(
+                PermitIo::new(stream, permit),
+                "peer uid not allowed on the admin socket",
+                &graceful,
+            )
+            .await;
         }
     }
     drain(graceful).await;
@@ -151,7 +194,10 @@ async fn serve_forbidden<S>(io: S, reason: &'static str, graceful: &GracefulShut
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |_req: Request<Incoming>| async move { Ok::<_, Infallible>(forbidden(reason)) });
+    let svc =
+        service_fn(
+            move |_req: Request<Incoming>| async move { Ok::<_, Infallible>(forbidden(reason)) },
+        );
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -164,7 +210,10 @@ where
 }
 
 async fn drain(graceful: GracefulShutdown) {
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         debug!("closing connections still open after the shutdown grace");
     }
 }
@@ -193,7 +242,10 @@ pin_project_lite::pin_project! {
 
 impl<S> PermitIo<S> {
     fn new(inner: S, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        PermitIo { inner, _permit: permit }
+        PermitIo {
+            inner,
+            _permit: permit,
+        }
     }
 }
 
@@ -215,10 +267,16 @@ impl<S: AsyncWrite> AsyncWrite for PermitIo<S> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         self.project().inner.poll_flush(cx)
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
     }
 }

@@ -47,7 +47,8 @@ const ALLOWED_READ: &str = "GET, HEAD, OPTIONS";
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -67,14 +68,27 @@ pub fn error(status: StatusCode, message: &str, reason: &str, extra: Value) -> R
 }
 
 /// Answers one request. `body` is the request body (read by the caller, bounded).
-pub fn handle(api: &ApiState, access: Access, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Resp {
+pub fn handle(
+    api: &ApiState,
+    access: Access,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Resp {
     let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !read {
         if access == Access::Admin && *method == Method::POST {
             return handle_post(api, path, body);
         }
-        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method", json!({}));
-        r.headers_mut().insert(ALLOW, HeaderValue::from_static(ALLOWED_READ));
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "method",
+            json!({}),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(ALLOWED_READ));
         return r;
     }
     let snap = api.shared.load();
@@ -94,13 +108,25 @@ fn handle_get(snap: &Snapshot, path: &str, _query: Option<&str>) -> Resp {
             let v: Vec<Value> = snap.checks.iter().map(|c| check_json(c)).collect();
             json_resp(StatusCode::OK, &Value::Array(v))
         }
-        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(snap)),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::render(snap),
+        ),
         p => match p.strip_prefix("/checks/").and_then(|n| snap.check(n)) {
             Some(c) => json_resp(StatusCode::OK, &check_json(c)),
-            None if p.starts_with("/checks/") => {
-                error(StatusCode::NOT_FOUND, "no such check", "not_found", json!({}))
-            }
-            None => error(StatusCode::NOT_FOUND, "no such endpoint", "not_found", json!({ "path": p })),
+            None if p.starts_with("/checks/") => error(
+                StatusCode::NOT_FOUND,
+                "no such check",
+                "not_found",
+                json!({}),
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint",
+                "not_found",
+                json!({ "path": p }),
+            ),
         },
     }
 }
@@ -128,11 +154,25 @@ pub fn check_json(c: &CheckView) -> Value {
 /// The `/health` document (also what `vigil status` prints).
 pub fn health_json(snap: &Snapshot, now: Instant) -> Value {
     let mut counts = serde_json::Map::new();
-    for s in [Status::Ok, Status::Warning, Status::Critical, Status::Unknown] {
-        let n = snap.checks.iter().filter(|c| c.sampled_at.is_some() && c.status == s).count();
+    for s in [
+        Status::Ok,
+        Status::Warning,
+        Status::Critical,
+        Status::Unknown,
+    ] {
+        let n = snap
+            .checks
+            .iter()
+            .filter(|c| c.sampled_at.is_some() && c.status == s)
+            .count();
         counts.insert(s.as_str().into(), json!(n));
     }
-    let tripped: Vec<&str> = snap.checks.iter().filter(|c| c.hysteresis.tripped).map(|c| c.name.as_str()).collect();
+    let tripped: Vec<&str> = snap
+        .checks
+        .iter()
+        .filter(|c| c.hysteresis.tripped)
+        .map(|c| c.name.as_str())
+        .collect();
     json!({
         "state": snap.state(),
         "health": snap.health(),
@@ -150,11 +190,23 @@ fn health(snap: &Snapshot, now: Instant) -> Resp {
     let mut v = health_json(snap, now);
     let stale = snap.stale(now);
     let (code, reason, message) = if !snap.first_round_done {
-        (StatusCode::SERVICE_UNAVAILABLE, Some("starting".to_string()), "the first round of checks has not finished".to_string())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("starting".to_string()),
+            "the first round of checks has not finished".to_string(),
+        )
     } else if !stale.is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, Some("stale".into()), format!("samples are stale: {}", stale.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("stale".into()),
+            format!("samples are stale: {}", stale.join(", ")),
+        )
     } else if snap.state() != HostState::Available {
-        (StatusCode::SERVICE_UNAVAILABLE, Some(snap.state().as_str().to_string()), format!("host is {}", snap.state()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(snap.state().as_str().to_string()),
+            format!("host is {}", snap.state()),
+        )
     } else {
         (StatusCode::OK, None, String::new())
     };
@@ -169,8 +221,18 @@ fn liveness(snap: &Snapshot, now: Instant) -> Resp {
     if snap.is_live(now) {
         json_resp(StatusCode::OK, &json!({ "live": true }))
     } else {
-        let overdue: Vec<&str> = snap.checks.iter().filter(|c| c.is_overdue(now)).map(|c| c.name.as_str()).collect();
-        error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not making progress", "overdue", json!({ "live": false, "overdue": overdue }))
+        let overdue: Vec<&str> = snap
+            .checks
+            .iter()
+            .filter(|c| c.is_overdue(now))
+            .map(|c| c.name.as_str())
+            .collect();
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the scheduler is not making progress",
+            "overdue",
+            json!({ "live": false, "overdue": overdue }),
+        )
     }
 }
 
@@ -184,17 +246,34 @@ struct LifecycleRequest {
 fn handle_post(api: &ApiState, path: &str, body: &[u8]) -> Resp {
     match path {
         "/lifecycle" => set_lifecycle(api, body),
-        _ => error(StatusCode::NOT_FOUND, "no such endpoint", "not_found", json!({ "path": path })),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint",
+            "not_found",
+            json!({ "path": path }),
+        ),
     }
 }
 
 fn set_lifecycle(api: &ApiState, body: &[u8]) -> Resp {
     let req: LifecycleRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}"), "bad_request", json!({})),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid body: {e}"),
+                "bad_request",
+                json!({}),
+            );
+        }
     };
     if req.reason.trim().is_empty() {
-        return error(StatusCode::BAD_REQUEST, "a reason is required", "bad_request", json!({}));
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a reason is required",
+            "bad_request",
+            json!({}),
+        );
     }
     let to: Lifecycle = match req.state.parse() {
         Ok(l) => l,
@@ -212,7 +291,10 @@ fn set_lifecycle(api: &ApiState, body: &[u8]) -> Resp {
     match result {
         Ok((from, rec)) => {
             info!(from = %from, to = %rec.state, reason = %rec.reason, "lifecycle changed");
-            json_resp(StatusCode::OK, &json!({ "state": rec.state, "previous": from, "reason": rec.reason, "changed_at": rec.changed_at }))
+            json_resp(
+                StatusCode::OK,
+                &json!({ "state": rec.state, "previous": from, "reason": rec.reason, "changed_at": rec.changed_at }),
+            )
         }
         Err(LifecycleError::Illegal { from, to }) => {
             let legal: Vec<&str> = from.legal_next().iter().map(|l| l.as_str()).collect();
@@ -225,7 +307,12 @@ fn set_lifecycle(api: &ApiState, body: &[u8]) -> Resp {
         }
         Err(e) => {
             warn!(error = %e, "lifecycle change not persisted");
-            error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "persist", json!({}))
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &e.to_string(),
+                "persist",
+                json!({}),
+            )
         }
     }
 }
@@ -240,7 +327,15 @@ mod tests {
     use crate::state::Hysteresis;
 
     fn view(name: &str, status: Status, age: Duration) -> Arc<CheckView> {
-        let mut v = CheckView::pending(name, "disk", Unit::Ratio, Duration::from_secs(1), Duration::from_secs(1), false, Hysteresis::new(1, 1));
+        let mut v = CheckView::pending(
+            name,
+            "disk",
+            Unit::Ratio,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            false,
+            Hysteresis::new(1, 1),
+        );
         v.hysteresis.observe(status);
         v.status = status;
         v.sampled_at = Some(SystemTime::now() - age);
@@ -252,11 +347,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let snap = Snapshot {
             checks,
-            lifecycle: LifecycleRecord { v: 1, state: lifecycle, reason: String::new(), changed_at: String::new() },
+            lifecycle: LifecycleRecord {
+                v: 1,
+                state: lifecycle,
+                reason: String::new(),
+                changed_at: String::new(),
+            },
             config_error: None,
             first_round_done: true,
         };
-        (ApiState { shared: Arc::new(Shared::new(snap)), state_dir: dir.path().to_path_buf() }, dir)
+        (
+            ApiState {
+                shared: Arc::new(Shared::new(snap)),
+                state_dir: dir.path().to_path_buf(),
+            },
+            dir,
+        )
     }
 
     fn get(api: &ApiState, path: &str) -> (StatusCode, Value) {
@@ -268,13 +374,18 @@ mod tests {
 
     fn futures_body(r: Resp) -> Bytes {
         use http_body_util::BodyExt;
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(r.into_body().collect()).unwrap().to_bytes()
     }
 
     #[test]
     fn fresh_ok_samples_are_available() {
-        let (api, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Available);
+        let (api, _d) = api(
+            vec![view("a", Status::Ok, Duration::ZERO)],
+            Lifecycle::Available,
+        );
         let (code, v) = get(&api, "/health");
         assert_eq!(code, StatusCode::OK);
         assert_eq!(v["state"], "available");
@@ -283,7 +394,10 @@ mod tests {
 
     #[test]
     fn samples_older_than_three_intervals_are_503_stale() {
-        let (api, _d) = api(vec![view("a", Status::Ok, Duration::from_secs(4))], Lifecycle::Available);
+        let (api, _d) = api(
+            vec![view("a", Status::Ok, Duration::from_secs(4))],
+            Lifecycle::Available,
+        );
         let (code, v) = get(&api, "/health");
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(v["reason"], "stale");
@@ -296,25 +410,47 @@ mod tests {
 
     #[test]
     fn tripped_critical_is_unavailable_and_lifecycle_wins_over_health() {
-        let (api1, _d) = api(vec![view("a", Status::Critical, Duration::ZERO)], Lifecycle::Available);
+        let (api1, _d) = api(
+            vec![view("a", Status::Critical, Duration::ZERO)],
+            Lifecycle::Available,
+        );
         let (code, v) = get(&api1, "/health");
-        assert_eq!((code, v["state"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+        assert_eq!(
+            (code, v["state"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"))
+        );
         assert_eq!(v["tripped"], json!(["a"]));
-        let (api2, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Retiring);
+        let (api2, _d) = api(
+            vec![view("a", Status::Ok, Duration::ZERO)],
+            Lifecycle::Retiring,
+        );
         let (code, v) = get(&api2, "/health");
-        assert_eq!((code, v["state"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("retiring")));
+        assert_eq!(
+            (code, v["state"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("retiring"))
+        );
         assert_eq!(v["health"], "available");
     }
 
     #[test]
     fn head_and_options_give_the_status_alone_and_writes_are_405() {
-        let (api, _d) = api(vec![view("a", Status::Critical, Duration::ZERO)], Lifecycle::Available);
+        let (api, _d) = api(
+            vec![view("a", Status::Critical, Duration::ZERO)],
+            Lifecycle::Available,
+        );
         for m in [Method::HEAD, Method::OPTIONS] {
             let r = handle(&api, Access::ReadOnly, &m, "/health", None, b"");
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert!(futures_body(r).is_empty());
         }
-        let r = handle(&api, Access::ReadOnly, &Method::POST, "/lifecycle", None, br#"{"state":"retiring","reason":"x"}"#);
+        let r = handle(
+            &api,
+            Access::ReadOnly,
+            &Method::POST,
+            "/lifecycle",
+            None,
+            br#"{"state":"retiring","reason":"x"}"#,
+        );
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[ALLOW], ALLOWED_READ);
     }
@@ -323,15 +459,31 @@ mod tests {
     fn lifecycle_posts_follow_the_table() {
         let (api, _d) = api(vec![], Lifecycle::Available);
         let post = |body: &str| {
-            let r = handle(&api, Access::Admin, &Method::POST, "/lifecycle", None, body.as_bytes());
+            let r = handle(
+                &api,
+                Access::Admin,
+                &Method::POST,
+                "/lifecycle",
+                None,
+                body.as_bytes(),
+            );
             let code = r.status();
-            (code, serde_json::from_slice::<Value>(&futures_body(r)).unwrap())
+            (
+                code,
+                serde_json::from_slice::<Value>(&futures_body(r)).unwrap(),
+            )
         };
-        assert_eq!(post(r#"{"state":"retiring","reason":"drain"}"#).0, StatusCode::OK);
+        assert_eq!(
+            post(r#"{"state":"retiring","reason":"drain"}"#).0,
+            StatusCode::OK
+        );
         let (code, v) = post(r#"{"state":"upgrading","reason":"x"}"#);
         assert_eq!(code, StatusCode::CONFLICT);
         assert_eq!(v["legal"], json!(["retired", "available"]));
-        assert_eq!(post(r#"{"state":"archived","reason":"x"}"#).0, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            post(r#"{"state":"archived","reason":"x"}"#).0,
+            StatusCode::BAD_REQUEST
+        );
         assert_eq!(post(r#"{"state":"available"}"#).0, StatusCode::BAD_REQUEST);
         assert_eq!(post("not json").0, StatusCode::BAD_REQUEST);
         assert_eq!(api.shared.load().lifecycle.state, Lifecycle::Retiring);
@@ -339,7 +491,10 @@ mod tests {
 
     #[test]
     fn unknown_paths_and_checks_are_json_404() {
-        let (api, _d) = api(vec![view("a", Status::Ok, Duration::ZERO)], Lifecycle::Available);
+        let (api, _d) = api(
+            vec![view("a", Status::Ok, Duration::ZERO)],
+            Lifecycle::Available,
+        );
         assert_eq!(get(&api, "/checks/a").0, StatusCode::OK);
         let (code, v) = get(&api, "/checks/nope");
         assert_eq!(code, StatusCode::NOT_FOUND);

@@ -19,18 +19,31 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        run_cmd(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
-        Tmpfs { dir: dir.to_path_buf() }
+        run_cmd(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn remount_ro(&self) {
-        run_cmd(Command::new("mount").args(["-o", "remount,ro"]).arg(&self.dir));
+        run_cmd(
+            Command::new("mount")
+                .args(["-o", "remount,ro"])
+                .arg(&self.dir),
+        );
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
@@ -39,7 +52,12 @@ impl Drop for Tmpfs {
 
 fn run_cmd(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `GET /checks/NAME`, asserting 200.
@@ -95,10 +113,16 @@ fn tmpfs_fills_trips_after_three_clears_after_two_and_read_only_is_critical() {
     let tripped = poll(WAIT, "scratch to trip", || {
         let v = check(&agent, "scratch");
         let streak = v["streak"].as_u64().unwrap();
-        match (v["status"].as_str().unwrap(), v["tripped"].as_bool().unwrap()) {
+        match (
+            v["status"].as_str().unwrap(),
+            v["tripped"].as_bool().unwrap(),
+        ) {
             (_, true) => Some(v),
             ("critical", false) => {
-                assert!(streak < 3, "critical with streak {streak} but not tripped: {v}");
+                assert!(
+                    streak < 3,
+                    "critical with streak {streak} but not tripped: {v}"
+                );
                 critical_untripped += 1;
                 None
             }
@@ -106,9 +130,18 @@ fn tmpfs_fills_trips_after_three_clears_after_two_and_read_only_is_critical() {
         }
     });
     assert_eq!(tripped["status"], "critical", "{tripped}");
-    assert!(tripped["streak"].as_u64().unwrap() >= 3, "tripped before 3 non-ok samples: {tripped}");
-    assert!(tripped["value"].as_f64().is_some_and(|x| x >= 0.8), "{tripped}");
-    assert!(critical_untripped > 0, "never saw the critical-but-not-yet-tripped state (trip_after = 3 at 200ms)");
+    assert!(
+        tripped["streak"].as_u64().unwrap() >= 3,
+        "tripped before 3 non-ok samples: {tripped}"
+    );
+    assert!(
+        tripped["value"].as_f64().is_some_and(|x| x >= 0.8),
+        "{tripped}"
+    );
+    assert!(
+        critical_untripped > 0,
+        "never saw the critical-but-not-yet-tripped state (trip_after = 3 at 200ms)"
+    );
 
     let (code, h) = agent.get_json("/health");
     assert_eq!(code, 503, "{h}");
@@ -121,7 +154,10 @@ fn tmpfs_fills_trips_after_three_clears_after_two_and_read_only_is_critical() {
     let cleared = poll(WAIT, "scratch to clear", || {
         let v = check(&agent, "scratch");
         let streak = v["streak"].as_u64().unwrap();
-        match (v["status"].as_str().unwrap(), v["tripped"].as_bool().unwrap()) {
+        match (
+            v["status"].as_str().unwrap(),
+            v["tripped"].as_bool().unwrap(),
+        ) {
             (_, false) => Some(v),
             ("ok", true) => {
                 assert!(streak < 2, "ok with streak {streak} but still tripped: {v}");
@@ -131,7 +167,10 @@ fn tmpfs_fills_trips_after_three_clears_after_two_and_read_only_is_critical() {
         }
     });
     assert_eq!(cleared["status"], "ok", "{cleared}");
-    assert!(cleared["streak"].as_u64().unwrap() >= 2, "cleared before 2 ok samples: {cleared}");
+    assert!(
+        cleared["streak"].as_u64().unwrap() >= 2,
+        "cleared before 2 ok samples: {cleared}"
+    );
     let (code, h) = poll(WAIT, "/health 200 after clearing", || {
         let (code, h) = agent.get_json("/health");
         (code == 200).then_some((code, h))
@@ -146,10 +185,17 @@ fn tmpfs_fills_trips_after_three_clears_after_two_and_read_only_is_critical() {
         let v = check(&agent, "scratch");
         (v["status"] == "critical").then_some(v)
     });
-    assert!(v["value"].as_f64().is_some_and(|x| x < 0.5), "read-only, not full: {v}");
+    assert!(
+        v["value"].as_f64().is_some_and(|x| x < 0.5),
+        "read-only, not full: {v}"
+    );
     let (code, text) = agent.get("/metrics");
     assert_eq!(code, 200);
-    assert_eq!(metric(&text, "vigil_disk_readonly", "scratch"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "vigil_disk_readonly", "scratch"),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[test]
@@ -191,5 +237,9 @@ fn a_path_that_disappears_is_unknown_and_the_agent_keeps_serving() {
     assert_eq!(h["counts"]["unknown"], 1, "{h}");
     let (code, _) = agent.get("/metrics");
     assert_eq!(code, 200);
-    assert!(agent.child.try_wait().unwrap().is_none(), "the agent exited: {}", agent.logs());
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited: {}",
+        agent.logs()
+    );
 }

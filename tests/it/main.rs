@@ -1,5 +1,7 @@
 //! One integration-test binary (ripgrep's layout); one module per area.
 
+/// The admin socket: peer credentials, lifecycle transitions.
+mod admin;
 /// The real `vigil agent` over HTTP: every endpoint, status codes, JSON, promtool.
 mod api;
 /// Command line: exit codes, `vigil check`, `status`, `lifecycle`, config errors.
@@ -12,6 +14,4 @@ mod disk;
 mod process;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
 mod reload;
-/// The admin socket: peer credentials, lifecycle transitions.
-mod admin;
 mod util;

@@ -16,17 +16,29 @@ pub fn vigil() -> Command {
 
 /// Runs `vigil ARGS…` to completion.
 pub fn run(args: &[&str]) -> Output {
-    vigil().args(args).env_remove("VIGIL_CONFIG").env_remove("RUST_LOG").output().expect("run vigil")
+    vigil()
+        .args(args)
+        .env_remove("VIGIL_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run vigil")
 }
 
 /// A unique scratch directory, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("vigil-it-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("vigil-it-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("tempdir")
 }
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
@@ -64,7 +76,12 @@ pub fn write_config(dir: &Path, body: &str) -> TestConfig {
         sock = socket.display().to_string(),
     );
     std::fs::write(&path, text).unwrap();
-    TestConfig { path, addr, socket, state_dir }
+    TestConfig {
+        path,
+        addr,
+        socket,
+        state_dir,
+    }
 }
 
 /// A running `vigil agent`, stopped (SIGTERM, then SIGKILL) on drop.
@@ -88,7 +105,12 @@ impl Agent {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn vigil agent");
-        let mut agent = Agent { child, addr: cfg.addr, socket: cfg.socket.clone(), log };
+        let mut agent = Agent {
+            child,
+            addr: cfg.addr,
+            socket: cfg.socket.clone(),
+            log,
+        };
         poll(Duration::from_secs(20), "the agent's first round", || {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("agent exited early with {st}: {}", agent.logs());
@@ -109,7 +131,10 @@ impl Agent {
     /// GET `path` over TCP, parsed as JSON.
     pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let (code, body) = self.get(path);
-        (code, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")))
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+        )
     }
 
     /// The agent's log so far.
@@ -125,7 +150,9 @@ impl Agent {
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(mut self) -> Option<i32> {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        let code = poll(Duration::from_secs(15), "the agent to exit", || self.child.try_wait().unwrap());
+        let code = poll(Duration::from_secs(15), "the agent to exit", || {
+            self.child.try_wait().unwrap()
+        });
         code.code()
     }
 }
@@ -133,13 +160,21 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = self.child.wait();
         }
     }
 }
 
-fn exchange(mut s: impl Read + Write, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+fn exchange(
+    mut s: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let body = body.unwrap_or("");
     write!(
         s,
@@ -159,7 +194,12 @@ fn exchange(mut s: impl Read + Write, method: &str, path: &str, body: Option<&st
 }
 
 /// One HTTP/1.1 request over TCP; errors returned.
-pub fn try_http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     exchange(s, method, path, body)
