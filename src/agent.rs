@@ -275,6 +275,10 @@ fn reload(
         needs_restart.push("agent.state_dir");
         new.agent.state_dir = running.agent.state_dir.clone();
     }
+    if new.agent.max_concurrent_checks != running.agent.max_concurrent_checks {
+        needs_restart.push("agent.max_concurrent_checks");
+        new.agent.max_concurrent_checks = running.agent.max_concurrent_checks;
+    }
     if new.log.format != running.log.format || new.log.file != running.log.file {
         needs_restart.push("log.format/log.file");
         new.log.format = running.log.format;

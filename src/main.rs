@@ -89,7 +89,6 @@ fn agent(flag: Option<&Path>) -> u8 {
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
-            tracing::error!(error = %e, "agent failed to start");
             fail(&e);
             e.exit_code()
         }

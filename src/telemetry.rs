@@ -57,6 +57,8 @@ pub fn init(cfg: &LogConfig) -> Result<Telemetry, String> {
 
     let stderr = match cfg.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            // Colour only on a terminal: journald and log files get plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -430,6 +430,9 @@ pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChecksConfig {
+    /// Check names in the order the file lists them, across kinds (set by the loader).
+    #[serde(skip)]
+    pub order: Vec<String>,
     /// `[check.disk.NAME]`
     #[serde(default)]
     pub disk: IndexMap<String, disk::DiskConfig>,
@@ -512,7 +515,7 @@ impl CheckSpec<'_> {
 }
 
 impl ChecksConfig {
-    /// Every configured check as `(name, spec)`, kinds in [`KINDS`] order, names in file order.
+    /// Every configured check as `(name, spec)`, in the order of the file.
     pub fn iter(&self) -> impl Iterator<Item = (&str, CheckSpec<'_>)> {
         let disk = self
             .disk
@@ -526,7 +529,11 @@ impl ChecksConfig {
             .system
             .iter()
             .map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
-        disk.chain(process).chain(system)
+        let mut all: Vec<_> = disk.chain(process).chain(system).collect();
+        // Names are unique across kinds in a valid config; a name missing from `order`
+        // (a config built in code) keeps its place after the ordered ones.
+        all.sort_by_key(|(n, _)| self.order.iter().position(|o| o == n).unwrap_or(usize::MAX));
+        all.into_iter()
     }
 }
 

@@ -554,7 +554,7 @@ pub fn describe_process(
 fn process_metrics(s: &ProcessSample, restarts_total: u64) -> Vec<Metric> {
     let mut v = vec![
         Metric::gauge(
-            "vigil_process_count",
+            "vigil_process_matching",
             "Matching running processes.",
             s.count as f64,
         ),

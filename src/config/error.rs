@@ -145,9 +145,65 @@ pub fn join_key<S: AsRef<str>>(key: &[S]) -> String {
 
 /// The innermost key whose key or value contains `offset`.
 fn key_at(doc: &str, offset: usize) -> Option<String> {
-    let root = toml::de::DeTable::parse(doc).ok()?;
+    let Ok(root) = toml::de::DeTable::parse(doc) else {
+        return key_from_text(doc, offset);
+    };
     let mut path = Vec::new();
     find_offset(root.get_ref(), offset, &mut path).then(|| join_key(&path))
+}
+
+/// For a document that does not parse (a syntax error): the last `[table]` header before
+/// the error's line plus the `key =` on that line, read from the text.
+fn key_from_text(doc: &str, offset: usize) -> Option<String> {
+    let offset = floor_char_boundary(doc, offset.min(doc.len()));
+    let line_start = doc[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = doc[line_start..].lines().next().unwrap_or("");
+    let table = doc[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#'));
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (t, k) => t.or(k),
+    }
+}
+
+/// The names of `[check.KIND.NAME]` tables in document order, across kinds.
+pub fn check_order(doc: &str) -> Vec<String> {
+    let Ok(root) = toml::de::DeTable::parse(doc) else {
+        return Vec::new();
+    };
+    let Some(checks) = root
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref() == "check")
+        .and_then(|(_, v)| v.get_ref().as_table())
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for kind in crate::checks::KINDS {
+        let mut table = Some(checks);
+        for segment in kind.name.split('.') {
+            table = table
+                .and_then(|t| t.iter().find(|(k, _)| k.get_ref() == segment))
+                .and_then(|(_, v)| v.get_ref().as_table());
+        }
+        if let Some(t) = table {
+            found.extend(
+                t.iter()
+                    .map(|(k, _)| (k.span().start, k.get_ref().to_string())),
+            );
+        }
+    }
+    found.sort();
+    found.into_iter().map(|(_, n)| n).collect()
 }
 
 fn contains(span: &Range<usize>, offset: usize) -> bool {

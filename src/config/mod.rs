@@ -291,6 +291,7 @@ pub fn parse(path: &Path, doc: &str) -> Result<Config, ConfigError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     config.resolve_paths(base);
+    config.check.order = error::check_order(doc);
     let problems = config.validate(doc);
     if problems.is_empty() {
         Ok(config)

@@ -45,9 +45,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if t.is_empty() {
         return Err("empty duration: expected a number and a unit, e.g. \"10s\"".into());
     }
-    humantime::parse_duration(t)
-        .map(Duration)
-        .map_err(|e| format!("invalid duration {s:?} ({e}): expected e.g. \"500ms\", \"10s\", \"15m\", \"2h\", \"14d\""))
+    // humantime's own message lists every spelling it accepts; ours names the usual ones.
+    humantime::parse_duration(t).map(Duration).map_err(|_| {
+        format!(
+            "invalid duration {s:?}: expected a number and a unit (ms, s, m, h, d), \
+             e.g. \"500ms\", \"10s\", \"15m\", \"2h\", \"14d\""
+        )
+    })
 }
 
 impl fmt::Display for Duration {

@@ -3,6 +3,9 @@
 //! Each test starts its own agent on a fresh temp config (interval 1s) and asserts on
 //! status codes and JSON structure, never on message wording.
 
+// Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -106,7 +109,7 @@ fn sorted<'a>(k: &[&'a str]) -> Vec<&'a str> {
 pub fn is_rfc3339_utc(s: &str) -> bool {
     let b = s.as_bytes();
     let digits =
-        |r: std::ops::Range<usize>| r.clone().all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
+        |mut r: std::ops::Range<usize>| r.all(|i| b.get(i).is_some_and(u8::is_ascii_digit));
     b.len() >= 20
         && digits(0..4)
         && b[4] == b'-'
@@ -514,3 +517,13 @@ impl Drop for KillOnDrop<'_> {
 // Staleness (503 `stale` when samples are older than three intervals) needs a wedged
 // scheduler with a live HTTP server, which a real agent does not offer from the outside
 // (SIGSTOP stops both); it is unit-tested with paused time in src/state.rs and routes.
+
+#[test]
+fn the_rfc3339_helper_accepts_only_utc_timestamps() {
+    assert!(is_rfc3339_utc("2026-11-24T00:59:00Z"));
+    assert!(is_rfc3339_utc("2026-11-24T00:59:00.123Z"));
+    assert!(!is_rfc3339_utc("2026-11-24T00:59:00+00:00"));
+    assert!(!is_rfc3339_utc("2026-11-24 00:59:00Z"));
+    assert!(!is_rfc3339_utc("2026-11-24T00:59:00.Z"));
+    assert!(!is_rfc3339_utc("1795481940"));
+}

@@ -1,4 +1,8 @@
-//! See main.rs.
+//! `disk` against a real tmpfs (as root): fill past crit, trip after `trip_after`, clear
+//! after `clear_after`, read-only remount; and a path that disappears under a running agent.
+
+// Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,4 +1,9 @@
-//! See main.rs.
+//! `process` against real processes (a copy of `sleep` under a unique comm): count by name
+//! against `min`/`max`, restarts through a pidfile; and a check hung on a FIFO that neither
+//! delays other checks and the API nor (per the contract) keeps SIGTERM from stopping the agent.
+
+// Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
+#![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
