@@ -277,9 +277,9 @@ pub fn transition(
     Ok(rec)
 }
 
-/// RFC 3339 UTC with seconds precision.
+/// RFC 3339 UTC with millisecond precision (samples may come several a second).
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[cfg(test)]

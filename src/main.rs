@@ -86,6 +86,10 @@ fn agent(flag: Option<&Path>) -> u8 {
         Err(code) => return code,
     };
     let result = rt.block_on(vigil::agent::run(path, cfg, Some(tel.level)));
+    // A probe stuck in the kernel (statvfs on a dead NFS mount, a read of a FIFO) holds a
+    // blocking thread forever; dropping the runtime would wait for it. The agent is done,
+    // so abandon such threads after a short grace.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
