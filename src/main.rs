@@ -127,9 +127,8 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
             return exit::UNKNOWN;
         }
     };
-    let rt = match runtime(2) {
-        Ok(rt) => rt,
-        Err(_) => return exit::UNKNOWN,
+    let Ok(rt) = runtime(2) else {
+        return exit::UNKNOWN;
     };
     let views = match rt.block_on(scheduler::run_once(&cfg, names, CheckContext::host())) {
         Ok(v) => v,

@@ -273,9 +273,7 @@ impl CheckTask {
         };
         let name = &self.name;
         let transition = self.shared.update(|s| {
-            let Some(slot) = s.checks.iter_mut().find(|c| c.name == *name) else {
-                return None;
-            };
+            let slot = s.checks.iter_mut().find(|c| c.name == *name)?;
             let mut v = CheckView::clone(slot);
             let previous = v.status;
             let was_sampled = v.sampled_at.is_some();

@@ -2,7 +2,6 @@
 //! peer-credential check (SO_PEERCRED) that guards it even when its file mode does not.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

@@ -4,7 +4,6 @@
 //! status codes and JSON structure, never on message wording.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -2,7 +2,6 @@
 //! `vigil agent`, and `$VIGIL_CONFIG`.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::net::TcpListener;
 use std::process::Output;

@@ -4,7 +4,6 @@
 //! is snapshotted below: a change of wording shows up in review.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,6 @@
 //! after `clear_after`, read-only remount; and a path that disappears under a running agent.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,6 @@
 //! delays other checks and the API nor (per the contract) keeps SIGTERM from stopping the agent.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

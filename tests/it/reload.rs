@@ -2,7 +2,6 @@
 //! keeps running; a change of `[api].listen` kept until a restart, with a warning.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
