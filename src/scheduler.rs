@@ -266,6 +266,7 @@ impl CheckTask {
                         value: None,
                         message: e.to_string(),
                         metrics: Vec::new(),
+                        replication: None,
                     },
                     false,
                 )
@@ -294,6 +295,7 @@ impl CheckTask {
                 v.failures += 1;
             }
             v.metrics = obs.metrics;
+            v.replication = obs.replication;
             *slot = Arc::new(v);
             Some((previous, was_sampled, t))
         });

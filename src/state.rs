@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use crate::checks::{Metric, Status, Unit};
+use crate::checks::{Metric, ReplicationFacts, Status, Unit};
 use crate::lifecycle::{HostState, Lifecycle, LifecycleRecord};
 
 /// Samples older than this many intervals are stale.
@@ -133,6 +133,9 @@ pub struct CheckView {
     pub failures: u64,
     /// Check-specific metrics of the newest sample.
     pub metrics: Vec<Metric>,
+    /// Routing facts of the newest sample (`postgres.replication` only; `None` when it
+    /// could not measure).
+    pub replication: Option<ReplicationFacts>,
 }
 
 impl CheckView {
@@ -166,6 +169,7 @@ impl CheckView {
             runs: 0,
             failures: 0,
             metrics: Vec::new(),
+            replication: None,
         }
     }
 

@@ -118,6 +118,7 @@ impl Check for DiskCheck {
             value: Some(usage.used_ratio),
             message,
             metrics: disk_metrics(&self.path, &usage, &fill),
+            replication: None,
         })
     }
 }

@@ -187,6 +187,34 @@ pub struct Observation {
     pub message: String,
     /// Check-specific metrics.
     pub metrics: Vec<Metric>,
+    /// Set by `postgres.replication`: what the routing endpoints decide on.
+    pub replication: Option<ReplicationFacts>,
+}
+
+/// A server's role, from `pg_is_in_recovery()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accepts writes.
+    Primary,
+    /// In recovery (a streaming or archive-replaying standby).
+    Standby,
+}
+
+/// What the routing endpoints (`/primary`, `/replica?lag=`) need from a
+/// `postgres.replication` sample that measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicationFacts {
+    /// The server's role.
+    pub role: Role,
+    /// Standby: its WAL receiver is streaming. Primary: always true.
+    pub streaming: bool,
+    /// Standby: bytes between the newest primary position it knows and its replay
+    /// position. `None` on a primary, or when not measurable.
+    pub lag_bytes: Option<f64>,
+    /// Standby: seconds of replay lag (0 while streaming and caught up). `None` on a
+    /// primary, or when not measurable.
+    pub lag_seconds: Option<f64>,
 }
 
 /// Why a check could not measure. Every variant becomes status `unknown`.

@@ -225,6 +225,7 @@ impl Check for ProcessCheck {
             value: Some(sample.count as f64),
             message: describe_process(&subject, &sample, &self.policy, &found),
             metrics: process_metrics(&sample, self.restarts.total),
+            replication: None,
         })
     }
 }

@@ -138,6 +138,7 @@ impl Check for SystemCheck {
             value: Some(sample.load_per_core[1]),
             message: describe_system(&sample, oom_since_start),
             metrics: system_metrics(&sample),
+            replication: None,
         })
     }
 }

@@ -6,7 +6,10 @@
 //!   intervals);
 //! - `GET /health/live`, `GET /liveness`: 200 while the scheduler makes progress;
 //! - `GET /checks`, `GET /checks/NAME`: check objects;
-//! - `GET /metrics`: Prometheus text format 0.0.4.
+//! - `GET /metrics`: Prometheus text format 0.0.4;
+//! - `GET /primary` (`/`, `/master`, `/read-write`), `/replica[?lag=16MB|10s]`,
+//!   `/read-only`: Patroni-style routing answers from the `postgres.replication` check
+//!   (see [`routing`]).
 //!
 //! Admin socket only, from a peer whose uid (SO_PEERCRED) is root or the agent's own:
 //! - `POST /lifecycle` `{"state","reason"}`.
@@ -17,6 +20,7 @@
 
 pub mod metrics;
 pub mod routes;
+pub mod routing;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::metrics;
+use super::routing::{self, Want};
 use crate::checks::Status;
 use crate::lifecycle::{self, HostState, Lifecycle, LifecycleError};
 use crate::state::{CheckView, Shared, Snapshot};
@@ -50,6 +51,11 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+/// A 200 JSON answer.
+pub fn json_ok(v: &Value) -> Resp {
+    json_resp(StatusCode::OK, v)
 }
 
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
@@ -99,9 +105,14 @@ pub fn handle(
     resp
 }
 
-fn handle_get(snap: &Snapshot, path: &str, _query: Option<&str>) -> Resp {
+fn handle_get(snap: &Snapshot, path: &str, query: Option<&str>) -> Resp {
     let now = Instant::now();
     match path {
+        "/primary" | "/" | "/master" | "/read-write" => {
+            routing::answer(snap, Want::Primary, query, now)
+        }
+        "/replica" => routing::answer(snap, Want::Replica, query, now),
+        "/read-only" => routing::answer(snap, Want::ReadOnly, query, now),
         "/health" => health(snap, now),
         "/health/live" | "/liveness" => liveness(snap, now),
         "/checks" => {

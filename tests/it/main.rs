@@ -14,6 +14,8 @@ mod cli;
 mod config;
 /// `disk` against a real tmpfs: trip, clear, read-only remount.
 mod disk;
+/// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
+mod pgcluster;
 /// `process` against real processes; a hung check does not delay others or the API.
 mod process;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
