@@ -19,7 +19,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 sed -e "s|^state_dir = .*|state_dir = \"$work/state\"|" \
     -e "s|^admin_socket = .*|admin_socket = \"$work/admin.sock\"|" \
     -e "s|^listen = .*|listen = \"127.0.0.1:$port\"|" \
-    -e "s|^path = \".\"|path = \"$PWD\"|" \
+    -e "s|^path = \"..\"|path = \"$PWD\"|" \
     -e "s|^level = .*|level = \"warn\"|" config/dev.toml > "$work/vigil.toml"
 
 echo "binary: $(stat -c %s "$bin") bytes ($(numfmt --to=iec-i --suffix=B "$(stat -c %s "$bin")")) stripped release"
