@@ -141,6 +141,9 @@ pub async fn run(
     mut config: Config,
     level: Option<LevelHandle>,
 ) -> Result<(), AgentError> {
+    for w in config.secret_warnings(&config_path) {
+        warn!("{w}");
+    }
     open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 
@@ -266,6 +269,9 @@ fn reload(
             return;
         }
     };
+    for w in new.secret_warnings(path) {
+        warn!("{w}");
+    }
     let mut needs_restart = Vec::new();
     if new.api != running.api {
         needs_restart.push("[api]");

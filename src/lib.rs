@@ -10,6 +10,7 @@
 //! - [`http`]: the local API (TCP, read-only; admin Unix socket);
 //! - [`agent`]: the composition root of `vigil agent`, signals and reload;
 //! - [`client`]: talks to a running agent for `status` and `lifecycle`;
+//! - [`pg`]: PostgreSQL sessions shared by the `postgres.*` checks (DSN, passfile, TLS);
 //! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod durable;
 pub mod exit;
 pub mod http;
 pub mod lifecycle;
+pub mod pg;
 pub mod scheduler;
 pub mod state;
 pub mod systemd;

@@ -103,6 +103,9 @@ fn config_check(flag: Option<&Path>) -> u8 {
     let path = config::resolve_path(flag);
     match config::load(&path) {
         Ok(cfg) => {
+            for w in cfg.secret_warnings(&path) {
+                fail(format!("warning: {w}"));
+            }
             let total = cfg.check.iter().count();
             let enabled = cfg.enabled_checks().count();
             println!(
@@ -127,6 +130,13 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
             return exit::UNKNOWN;
         }
     };
+    // Warnings only (a passfile others can read, a refused connection): the table is the
+    // answer, the log says what stood in the way.
+    let log = config::LogConfig {
+        level: "warn".into(),
+        ..cfg.log.clone()
+    };
+    let _telemetry = telemetry::init(&log).ok();
     let Ok(rt) = runtime(2) else {
         return exit::UNKNOWN;
     };

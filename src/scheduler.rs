@@ -139,7 +139,7 @@ impl Scheduler {
             });
             let task = CheckTask {
                 name: name.clone(),
-                check: spec.build(),
+                check: spec.build(&entry.common),
                 common: entry.common.clone(),
                 shared: self.shared.clone(),
                 cx: self.cx.clone(),
@@ -257,7 +257,12 @@ impl CheckTask {
         elapsed: Duration,
     ) {
         let (obs, success) = match result {
-            Ok(o) => (o, true),
+            // A kind may return `unknown` with metrics of its own (postgres.up reports
+            // `vigil_pg_up 0`); it still did not measure, so it counts as a failure.
+            Ok(o) => {
+                let measured = o.status != Status::Unknown;
+                (o, measured)
+            }
             Err(e) => {
                 debug!(error = %e, "check could not measure");
                 (
@@ -372,7 +377,7 @@ pub async fn run_once(
         shared.update(|s| s.checks.push(Arc::new(view)));
         let mut task = CheckTask {
             name: name.to_string(),
-            check: spec.build(),
+            check: spec.build(&common),
             common,
             shared: shared.clone(),
             cx: cx.clone(),

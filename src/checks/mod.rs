@@ -14,6 +14,7 @@
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use indexmap::IndexMap;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::types::{Duration, ThresholdValue};
 
 pub mod disk;
+pub mod postgres;
 pub mod process;
 pub mod system;
 pub mod threshold;
@@ -241,6 +243,9 @@ pub enum CheckError {
     /// A blocking task failed to complete.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A PostgreSQL connection or query failed (no secret in the message).
+    #[error(transparent)]
+    Pg(#[from] crate::pg::PgError),
 }
 
 impl CheckError {
@@ -253,13 +258,18 @@ impl CheckError {
     }
 }
 
-/// Where checks find the host: `/proc` and `/sys` can be pointed at a fixture tree.
+/// Where checks find the host (`/proc` and `/sys` can be pointed at a fixture tree) and
+/// the resources they share.
 #[derive(Debug, Clone)]
 pub struct CheckContext {
     /// Root of the proc filesystem (`/proc`).
     pub proc_root: PathBuf,
     /// Root of the sys filesystem (`/sys`).
     pub sys_root: PathBuf,
+    /// PostgreSQL sessions, one per distinct DSN, shared by the `postgres.*` checks. Lives
+    /// as long as the context (the agent's lifetime, across reloads); a DSN's session
+    /// closes when the last check using it is dropped.
+    pub pg: Arc<crate::pg::Connections>,
 }
 
 impl CheckContext {
@@ -268,6 +278,7 @@ impl CheckContext {
         CheckContext {
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
+            pg: Arc::new(crate::pg::Connections::new()),
         }
     }
 }
@@ -447,6 +458,48 @@ pub const KINDS: &[KindInfo] = &[
         unit: Unit::Load,
         direction: Direction::HigherIsWorse,
     },
+    KindInfo {
+        name: "postgres.up",
+        summary: "connect + SELECT round-trip time; role",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.replication",
+        summary: "role-aware replication lag (bytes; seconds via warn_time/crit_time); standbys connected",
+        unit: Unit::Bytes,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.slots",
+        summary: "largest WAL retained by a replication slot; inactive slots named",
+        unit: Unit::Bytes,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.archiving",
+        summary: "seconds since the last successful WAL archive while segments wait; failures",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.connections",
+        summary: "used ratio of max_connections",
+        unit: Unit::Ratio,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.wraparound",
+        summary: "max age(datfrozenxid) (and multixact age) as a ratio of 2^31",
+        unit: Unit::Ratio,
+        direction: Direction::HigherIsWorse,
+    },
+    KindInfo {
+        name: "postgres.long_transactions",
+        summary: "age in seconds of the oldest open transaction",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+    },
 ];
 
 /// Looks a kind up by name.
@@ -470,6 +523,36 @@ pub struct ChecksConfig {
     /// `[check.system.NAME]`
     #[serde(default)]
     pub system: IndexMap<String, system::SystemConfig>,
+    /// `[check.postgres.KIND.NAME]`
+    #[serde(default)]
+    pub postgres: PostgresChecks,
+}
+
+/// The `[check.postgres]` table: one map per `postgres.*` kind.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresChecks {
+    /// `[check.postgres.up.NAME]`
+    #[serde(default)]
+    pub up: IndexMap<String, postgres::up::UpConfig>,
+    /// `[check.postgres.replication.NAME]`
+    #[serde(default)]
+    pub replication: IndexMap<String, postgres::replication::ReplicationConfig>,
+    /// `[check.postgres.slots.NAME]`
+    #[serde(default)]
+    pub slots: IndexMap<String, postgres::slots::SlotsConfig>,
+    /// `[check.postgres.archiving.NAME]`
+    #[serde(default)]
+    pub archiving: IndexMap<String, postgres::archiving::ArchivingConfig>,
+    /// `[check.postgres.connections.NAME]`
+    #[serde(default)]
+    pub connections: IndexMap<String, postgres::connections::ConnectionsConfig>,
+    /// `[check.postgres.wraparound.NAME]`
+    #[serde(default)]
+    pub wraparound: IndexMap<String, postgres::wraparound::WraparoundConfig>,
+    /// `[check.postgres.long_transactions.NAME]`
+    #[serde(default)]
+    pub long_transactions: IndexMap<String, postgres::long_transactions::LongTransactionsConfig>,
 }
 
 /// One configured check of any kind, borrowed from the config.
@@ -481,6 +564,20 @@ pub enum CheckSpec<'a> {
     Process(&'a process::ProcessConfig),
     /// A `system` check.
     System(&'a system::SystemConfig),
+    /// A `postgres.up` check.
+    PgUp(&'a postgres::up::UpConfig),
+    /// A `postgres.replication` check.
+    PgReplication(&'a postgres::replication::ReplicationConfig),
+    /// A `postgres.slots` check.
+    PgSlots(&'a postgres::slots::SlotsConfig),
+    /// A `postgres.archiving` check.
+    PgArchiving(&'a postgres::archiving::ArchivingConfig),
+    /// A `postgres.connections` check.
+    PgConnections(&'a postgres::connections::ConnectionsConfig),
+    /// A `postgres.wraparound` check.
+    PgWraparound(&'a postgres::wraparound::WraparoundConfig),
+    /// A `postgres.long_transactions` check.
+    PgLongTransactions(&'a postgres::long_transactions::LongTransactionsConfig),
 }
 
 impl CheckSpec<'_> {
@@ -490,6 +587,13 @@ impl CheckSpec<'_> {
             CheckSpec::Disk(_) => "disk",
             CheckSpec::Process(_) => "process",
             CheckSpec::System(_) => "system",
+            CheckSpec::PgUp(_) => "postgres.up",
+            CheckSpec::PgReplication(_) => "postgres.replication",
+            CheckSpec::PgSlots(_) => "postgres.slots",
+            CheckSpec::PgArchiving(_) => "postgres.archiving",
+            CheckSpec::PgConnections(_) => "postgres.connections",
+            CheckSpec::PgWraparound(_) => "postgres.wraparound",
+            CheckSpec::PgLongTransactions(_) => "postgres.long_transactions",
         }
     }
 
@@ -499,6 +603,13 @@ impl CheckSpec<'_> {
             CheckSpec::Disk(c) => c.common(default_interval),
             CheckSpec::Process(c) => c.common(default_interval),
             CheckSpec::System(c) => c.common(default_interval),
+            CheckSpec::PgUp(c) => c.common(default_interval),
+            CheckSpec::PgReplication(c) => c.common(default_interval),
+            CheckSpec::PgSlots(c) => c.common(default_interval),
+            CheckSpec::PgArchiving(c) => c.common(default_interval),
+            CheckSpec::PgConnections(c) => c.common(default_interval),
+            CheckSpec::PgWraparound(c) => c.common(default_interval),
+            CheckSpec::PgLongTransactions(c) => c.common(default_interval),
         }
     }
 
@@ -511,6 +622,13 @@ impl CheckSpec<'_> {
             CheckSpec::Disk(c) => base(c.raw_thresholds()),
             CheckSpec::Process(c) => base(c.raw_thresholds()),
             CheckSpec::System(c) => base(c.raw_thresholds()),
+            CheckSpec::PgUp(c) => base(c.raw_thresholds()),
+            CheckSpec::PgReplication(c) => base(c.raw_thresholds()),
+            CheckSpec::PgSlots(c) => base(c.raw_thresholds()),
+            CheckSpec::PgArchiving(c) => base(c.raw_thresholds()),
+            CheckSpec::PgConnections(c) => base(c.raw_thresholds()),
+            CheckSpec::PgWraparound(c) => base(c.raw_thresholds()),
+            CheckSpec::PgLongTransactions(c) => base(c.raw_thresholds()),
         }
     }
 
@@ -520,6 +638,13 @@ impl CheckSpec<'_> {
             CheckSpec::Disk(c) => c.raw_hysteresis(),
             CheckSpec::Process(c) => c.raw_hysteresis(),
             CheckSpec::System(c) => c.raw_hysteresis(),
+            CheckSpec::PgUp(c) => c.raw_hysteresis(),
+            CheckSpec::PgReplication(c) => c.raw_hysteresis(),
+            CheckSpec::PgSlots(c) => c.raw_hysteresis(),
+            CheckSpec::PgArchiving(c) => c.raw_hysteresis(),
+            CheckSpec::PgConnections(c) => c.raw_hysteresis(),
+            CheckSpec::PgWraparound(c) => c.raw_hysteresis(),
+            CheckSpec::PgLongTransactions(c) => c.raw_hysteresis(),
         }
     }
 
@@ -529,15 +654,55 @@ impl CheckSpec<'_> {
             CheckSpec::Disk(c) => c.validate(enabled),
             CheckSpec::Process(c) => c.validate(),
             CheckSpec::System(c) => c.validate(),
+            CheckSpec::PgUp(c) => c.validate(),
+            CheckSpec::PgReplication(c) => c.validate(),
+            CheckSpec::PgSlots(c) => c.validate(),
+            CheckSpec::PgArchiving(c) => c.validate(),
+            CheckSpec::PgConnections(c) => c.validate(),
+            CheckSpec::PgWraparound(c) => c.validate(),
+            CheckSpec::PgLongTransactions(c) => c.validate(),
+        }
+    }
+
+    /// The PostgreSQL DSN of a `postgres.*` check.
+    pub fn dsn(&self) -> Option<&crate::pg::Dsn> {
+        match self {
+            CheckSpec::PgUp(c) => Some(&c.dsn),
+            CheckSpec::PgReplication(c) => Some(&c.dsn),
+            CheckSpec::PgSlots(c) => Some(&c.dsn),
+            CheckSpec::PgArchiving(c) => Some(&c.dsn),
+            CheckSpec::PgConnections(c) => Some(&c.dsn),
+            CheckSpec::PgWraparound(c) => Some(&c.dsn),
+            CheckSpec::PgLongTransactions(c) => Some(&c.dsn),
+            CheckSpec::Disk(_) | CheckSpec::Process(_) | CheckSpec::System(_) => None,
         }
     }
 
     /// Builds the runnable check.
-    pub fn build(&self) -> AnyCheck {
+    pub fn build(&self, common: &Common) -> AnyCheck {
         match self {
             CheckSpec::Disk(c) => AnyCheck::Disk(disk::DiskCheck::from_config(c)),
             CheckSpec::Process(c) => AnyCheck::Process(process::ProcessCheck::from_config(c)),
             CheckSpec::System(c) => AnyCheck::System(system::SystemCheck::from_config(c)),
+            CheckSpec::PgUp(c) => AnyCheck::PgUp(postgres::up::UpCheck::from_config(c, common)),
+            CheckSpec::PgReplication(c) => AnyCheck::PgReplication(
+                postgres::replication::ReplicationCheck::from_config(c, common),
+            ),
+            CheckSpec::PgSlots(c) => {
+                AnyCheck::PgSlots(postgres::slots::SlotsCheck::from_config(c, common))
+            }
+            CheckSpec::PgArchiving(c) => {
+                AnyCheck::PgArchiving(postgres::archiving::ArchivingCheck::from_config(c, common))
+            }
+            CheckSpec::PgConnections(c) => AnyCheck::PgConnections(
+                postgres::connections::ConnectionsCheck::from_config(c, common),
+            ),
+            CheckSpec::PgWraparound(c) => AnyCheck::PgWraparound(
+                postgres::wraparound::WraparoundCheck::from_config(c, common),
+            ),
+            CheckSpec::PgLongTransactions(c) => AnyCheck::PgLongTransactions(
+                postgres::long_transactions::LongTransactionsCheck::from_config(c, common),
+            ),
         }
     }
 }
@@ -557,7 +722,42 @@ impl ChecksConfig {
             .system
             .iter()
             .map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
-        let mut all: Vec<_> = disk.chain(process).chain(system).collect();
+        let pg = &self.postgres;
+        let postgres = pg
+            .up
+            .iter()
+            .map(|(n, c)| (n.as_str(), CheckSpec::PgUp(c)))
+            .chain(
+                pg.replication
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgReplication(c))),
+            )
+            .chain(
+                pg.slots
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgSlots(c))),
+            )
+            .chain(
+                pg.archiving
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgArchiving(c))),
+            )
+            .chain(
+                pg.connections
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgConnections(c))),
+            )
+            .chain(
+                pg.wraparound
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgWraparound(c))),
+            )
+            .chain(
+                pg.long_transactions
+                    .iter()
+                    .map(|(n, c)| (n.as_str(), CheckSpec::PgLongTransactions(c))),
+            );
+        let mut all: Vec<_> = disk.chain(process).chain(system).chain(postgres).collect();
         // Names are unique across kinds in a valid config; a name missing from `order`
         // (a config built in code) keeps its place after the ordered ones.
         all.sort_by_key(|(n, _)| self.order.iter().position(|o| o == n).unwrap_or(usize::MAX));
@@ -573,6 +773,20 @@ pub enum AnyCheck {
     Process(process::ProcessCheck),
     /// See [`system`].
     System(system::SystemCheck),
+    /// See [`postgres::up`].
+    PgUp(postgres::up::UpCheck),
+    /// See [`postgres::replication`].
+    PgReplication(postgres::replication::ReplicationCheck),
+    /// See [`postgres::slots`].
+    PgSlots(postgres::slots::SlotsCheck),
+    /// See [`postgres::archiving`].
+    PgArchiving(postgres::archiving::ArchivingCheck),
+    /// See [`postgres::connections`].
+    PgConnections(postgres::connections::ConnectionsCheck),
+    /// See [`postgres::wraparound`].
+    PgWraparound(postgres::wraparound::WraparoundCheck),
+    /// See [`postgres::long_transactions`].
+    PgLongTransactions(postgres::long_transactions::LongTransactionsCheck),
 }
 
 impl AnyCheck {
@@ -582,6 +796,13 @@ impl AnyCheck {
             AnyCheck::Disk(_) => "disk",
             AnyCheck::Process(_) => "process",
             AnyCheck::System(_) => "system",
+            AnyCheck::PgUp(_) => "postgres.up",
+            AnyCheck::PgReplication(_) => "postgres.replication",
+            AnyCheck::PgSlots(_) => "postgres.slots",
+            AnyCheck::PgArchiving(_) => "postgres.archiving",
+            AnyCheck::PgConnections(_) => "postgres.connections",
+            AnyCheck::PgWraparound(_) => "postgres.wraparound",
+            AnyCheck::PgLongTransactions(_) => "postgres.long_transactions",
         }
     }
 
@@ -591,6 +812,13 @@ impl AnyCheck {
             AnyCheck::Disk(c) => c.run(cx).await,
             AnyCheck::Process(c) => c.run(cx).await,
             AnyCheck::System(c) => c.run(cx).await,
+            AnyCheck::PgUp(c) => c.run(cx).await,
+            AnyCheck::PgReplication(c) => c.run(cx).await,
+            AnyCheck::PgSlots(c) => c.run(cx).await,
+            AnyCheck::PgArchiving(c) => c.run(cx).await,
+            AnyCheck::PgConnections(c) => c.run(cx).await,
+            AnyCheck::PgWraparound(c) => c.run(cx).await,
+            AnyCheck::PgLongTransactions(c) => c.run(cx).await,
         }
     }
 }
@@ -618,6 +846,7 @@ mod tests {
         let minimal = |kind: &str| match kind {
             "disk" => "path = \"/\"",
             "process" => "name = \"init\"",
+            k if k.starts_with("postgres.") => "dsn = \"host=/var/run/postgresql user=vigil\"",
             _ => "",
         };
         for k in KINDS {
@@ -627,7 +856,13 @@ mod tests {
             let specs: Vec<_> = cfg.iter().collect();
             assert_eq!(specs.len(), 1, "{}", k.name);
             assert_eq!(specs[0].1.kind(), k.name);
-            assert_eq!(specs[0].1.build().kind(), k.name);
+            assert_eq!(
+                specs[0]
+                    .1
+                    .build(&specs[0].1.common(Duration::from_secs(10)))
+                    .kind(),
+                k.name
+            );
         }
     }
 
@@ -636,5 +871,19 @@ mod tests {
         assert_eq!(Status::Unknown.worse(Status::Critical), Status::Critical);
         assert_eq!(Status::Ok.worse(Status::Warning), Status::Warning);
         assert_eq!(Status::Unknown.nagios_code(), 3);
+    }
+
+    #[test]
+    fn every_kind_has_an_example_in_the_shipped_config() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/vigil.toml");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let cfg = crate::config::parse(&path, &doc).unwrap();
+        for k in KINDS {
+            assert!(
+                cfg.check.iter().any(|(_, s)| s.kind() == k.name),
+                "config/vigil.toml has no [check.{}.…] example",
+                k.name
+            );
+        }
     }
 }

@@ -592,6 +592,7 @@ mod tests {
         CheckContext {
             proc_root: root.join("proc"),
             sys_root: root.join("sys"),
+            pg: Default::default(),
         }
     }
 

@@ -540,6 +540,7 @@ mod tests {
         CheckContext {
             proc_root: fixtures().join("proc"),
             sys_root: fixtures().join("sys"),
+            pg: Default::default(),
         }
     }
 
@@ -831,6 +832,7 @@ mod tests {
         let cx = CheckContext {
             proc_root: proc_dir.path().to_path_buf(),
             sys_root: fixtures().join("sys"),
+            pg: Default::default(),
         };
         let mut c = check("warn = 5.0\nmem_warn = \"1%\"");
         let o = c.run(&cx).await.unwrap();
@@ -867,6 +869,7 @@ mod tests {
         let cx = CheckContext {
             proc_root: fixtures().join("proc"),
             sys_root: fixtures().join("no-such-sys"),
+            pg: Default::default(),
         };
         let o = check("").run(&cx).await.unwrap();
         assert_eq!(metric(&o, "vigil_system_cpus", &[]), Some(4.0));
@@ -876,6 +879,7 @@ mod tests {
         let cx = CheckContext {
             proc_root: proc_dir.path().to_path_buf(),
             sys_root: fixtures().join("no-such-sys"),
+            pg: Default::default(),
         };
         let e = check("").run(&cx).await.unwrap_err();
         assert!(
@@ -889,6 +893,7 @@ mod tests {
         let cx = CheckContext {
             proc_root: fixtures().join("no-such-proc"),
             sys_root: fixtures().join("sys"),
+            pg: Default::default(),
         };
         let e = check("").run(&cx).await.unwrap_err();
         assert!(e.to_string().contains("no-such-proc"), "{e}");

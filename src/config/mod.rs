@@ -480,6 +480,27 @@ impl Config {
         problems
     }
 
+    /// Warnings about a config that is valid but unsafe: a password in a DSN of a file
+    /// that group or others can read. Logged once logging is up.
+    pub fn secret_warnings(&self, path: &Path) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return Vec::new();
+        };
+        let readable_by_others = meta.permissions().mode() & 0o044 != 0;
+        self.check
+            .iter()
+            .filter(|(_, spec)| readable_by_others && spec.dsn().is_some_and(|d| d.has_password()))
+            .map(|(name, _)| {
+                format!(
+                    "{}: check {name:?} has a password in its dsn and the file is readable by \
+                     group or others (chmod 0600, or use a passfile)",
+                    path.display()
+                )
+            })
+            .collect()
+    }
+
     /// The enabled checks, in config order.
     pub fn enabled_checks(&self) -> impl Iterator<Item = (&str, checks::CheckSpec<'_>)> {
         let d = self.agent.interval;
@@ -493,4 +514,36 @@ pub fn is_valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_password_in_a_file_others_can_read_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vigil.toml");
+        let doc = "[check.postgres.up.db]\nenabled = false\ndsn = \"host=/tmp user=v password=hunter2\"\n";
+        std::fs::write(&path, doc).unwrap();
+        let cfg = load(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = cfg.secret_warnings(&path);
+        assert_eq!(w.len(), 1);
+        assert!(!w[0].contains("hunter2"), "{}", w[0]);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(cfg.secret_warnings(&path).is_empty());
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_config_directory() {
+        let cfg = parse(
+            Path::new("/etc/vigil/vigil.toml"),
+            "[agent]\nstate_dir = \"../lib/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.agent.state_dir, PathBuf::from("/etc/lib/x"));
+    }
 }

@@ -14,8 +14,12 @@ mod cli;
 mod config;
 /// `disk` against a real tmpfs: trip, clear, read-only remount.
 mod disk;
+/// HAProxy's httpchk against /replica?lag= takes a lagging standby out and back.
+mod haproxy;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
 mod pgcluster;
+/// postgres.* checks and the routing endpoints against a real primary and standby.
+mod postgres;
 /// `process` against real processes; a hung check does not delay others or the API.
 mod process;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
