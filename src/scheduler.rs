@@ -1,7 +1,9 @@
 //! The check scheduler: one task per enabled check.
 //!
-//! - The first round runs at once; later runs come every interval, shifted by a small random
-//!   phase per check so that checks with the same interval do not fire together.
+//! - The first round runs at once; later runs come every interval, shifted by a small
+//!   phase per check so that checks with the same interval do not fire together — except
+//!   checks on the same database, which share their phase and so run back to back on their
+//!   shared session: one wakeup of the server per round instead of one per check.
 //! - A check's runs never overlap: its task awaits each run before scheduling the next, and
 //!   a run that overruns its timeout is abandoned and recorded as `unknown`.
 //! - A semaphore caps how many checks measure at once, so the agent never hits the database
@@ -29,7 +31,7 @@ use crate::checks::{
 use crate::config::Config;
 use crate::state::{CheckView, Hysteresis, Shared, Transition};
 
-/// The longest random phase added to a check's schedule.
+/// The longest phase added to a check's schedule.
 const MAX_PHASE: Duration = Duration::from_secs(5);
 
 /// A spec resolved into what its task needs; compared on reload.
@@ -59,6 +61,8 @@ pub struct Scheduler {
     tracker: TaskTracker,
     /// Notified whenever a check completes a run (first-round tracking).
     progress: Arc<Notify>,
+    /// When the scheduler started; every check's slots are aligned to it.
+    epoch: Instant,
 }
 
 impl Scheduler {
@@ -77,6 +81,7 @@ impl Scheduler {
             shutdown,
             tracker: TaskTracker::new(),
             progress: Arc::new(Notify::new()),
+            epoch: Instant::now(),
         }
     }
 
@@ -138,6 +143,8 @@ impl Scheduler {
                 s.checks.push(Arc::new(view));
             });
             let task = CheckTask {
+                group: spec.schedule_group(),
+                epoch: self.epoch,
                 name: name.clone(),
                 check: spec.build(&entry.common),
                 common: entry.common.clone(),
@@ -185,6 +192,12 @@ impl Scheduler {
 }
 
 struct CheckTask {
+    /// Checks with the same group key (the same database) share a phase, so that they run
+    /// back to back on their shared session instead of waking the server separately.
+    group: Option<String>,
+    /// The scheduler's start: slots are `epoch + phase + k * interval`, so checks keep
+    /// their alignment also when one of them restarts after a reload.
+    epoch: Instant,
     name: String,
     check: AnyCheck,
     common: Common,
@@ -199,9 +212,12 @@ impl CheckTask {
     async fn run(mut self) {
         let interval = self.common.interval;
         let max_phase = (interval / 4).min(MAX_PHASE);
-        let phase = max_phase.mul_f64(fastrand::f64());
+        let fraction = match &self.group {
+            Some(key) => group_fraction(key),
+            None => fastrand::f64(),
+        };
+        let phase = max_phase.mul_f64(fraction);
         let mut next = Instant::now();
-        let mut first = true;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -210,19 +226,8 @@ impl CheckTask {
             if !self.measure().await {
                 return;
             }
-
-            next += interval;
-            if first {
-                next += phase;
-                first = false;
-            }
-            // A run that overran: skip the missed slots rather than run back to back.
-            let now = Instant::now();
-            if next < now {
-                let behind = now - next;
-                let skipped = behind.as_nanos() / interval.as_nanos().max(1) + 1;
-                next += interval * u32::try_from(skipped).unwrap_or(u32::MAX);
-            }
+            // Skips slots a long run overran rather than running back to back.
+            next = next_slot(self.epoch, phase, interval, Instant::now());
         }
     }
 
@@ -320,6 +325,30 @@ impl CheckTask {
     }
 }
 
+/// The first slot `epoch + phase + k * interval` strictly after `now`.
+fn next_slot(
+    epoch: Instant,
+    phase: std::time::Duration,
+    interval: std::time::Duration,
+    now: Instant,
+) -> Instant {
+    let start = epoch + phase;
+    if now < start {
+        return start;
+    }
+    let k = (now - start).as_nanos() / interval.as_nanos().max(1) + 1;
+    start + interval * u32::try_from(k).unwrap_or(u32::MAX)
+}
+
+/// A stable fraction in [0, 1) for a group key.
+fn group_fraction(key: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the same key gives the same phase in every task.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Runs each named check (all enabled ones when `names` is empty) once, concurrently, and
 /// returns their views in config order: what `vigil check` prints.
 ///
@@ -376,6 +405,8 @@ pub async fn run_once(
         );
         shared.update(|s| s.checks.push(Arc::new(view)));
         let mut task = CheckTask {
+            group: None,
+            epoch: Instant::now(),
             name: name.to_string(),
             check: spec.build(&common),
             common,
@@ -389,4 +420,32 @@ pub async fn run_once(
     }
     while set.join_next().await.is_some() {}
     Ok(shared.load().checks.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn slots_are_aligned_to_the_epoch_and_skip_missed_ones() {
+        let epoch = Instant::now();
+        let (phase, iv) = (Duration::from_millis(300), Duration::from_secs(1));
+        assert_eq!(next_slot(epoch, phase, iv, epoch), epoch + phase);
+        assert_eq!(
+            next_slot(epoch, phase, iv, epoch + phase),
+            epoch + phase + iv
+        );
+        // A run that overran three slots resumes on the next one, not back to back.
+        let late = epoch + Duration::from_millis(3_450);
+        assert_eq!(next_slot(epoch, phase, iv, late), epoch + phase + iv * 4);
+    }
+
+    #[test]
+    fn a_group_shares_its_phase() {
+        assert_eq!(group_fraction("db-a"), group_fraction("db-a"));
+        assert_ne!(group_fraction("db-a"), group_fraction("db-b"));
+        assert!((0.0..1.0).contains(&group_fraction("db-a")));
+    }
 }

@@ -664,6 +664,11 @@ impl CheckSpec<'_> {
         }
     }
 
+    /// Checks with the same key are scheduled together (the postgres kinds: their DSN).
+    pub fn schedule_group(&self) -> Option<String> {
+        self.dsn().map(|d| format!("{d:?}"))
+    }
+
     /// The PostgreSQL DSN of a `postgres.*` check.
     pub fn dsn(&self) -> Option<&crate::pg::Dsn> {
         match self {

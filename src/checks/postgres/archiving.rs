@@ -33,12 +33,12 @@ const ARCHIVING_SQL: &str = "\
 WITH ready AS (SELECT modification FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready') \
 SELECT pg_is_in_recovery() AS in_recovery, current_setting('archive_mode') AS archive_mode, \
        a.archived_count, a.failed_count, a.last_archived_wal, a.last_failed_wal, \
-       extract(epoch FROM now() - a.last_archived_time) AS archived_age, \
-       extract(epoch FROM now() - a.last_failed_time) AS failed_age, \
+       extract(epoch FROM now() - a.last_archived_time)::float8 AS archived_age, \
+       extract(epoch FROM now() - a.last_failed_time)::float8 AS failed_age, \
        coalesce(a.last_failed_time > a.last_archived_time, a.last_failed_time IS NOT NULL) \
          AS failing, \
        (SELECT count(*) FROM ready) AS pending, \
-       (SELECT extract(epoch FROM now() - min(modification)) FROM ready) AS oldest_pending_age \
+       (SELECT extract(epoch FROM now() - min(modification))::float8 FROM ready) AS oldest_pending_age \
   FROM pg_stat_archiver AS a";
 
 crate::check_config! {

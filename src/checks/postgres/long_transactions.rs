@@ -22,18 +22,25 @@ const DEFAULT_WARN: f64 = 300.0;
 const DEFAULT_CRIT: f64 = 3600.0;
 
 /// PostgreSQL 12+; `pg_monitor` (`pg_read_all_stats`: without it other roles' `xact_start`
-/// reads as NULL and their transactions go unseen). At most one row per statement.
+/// reads as NULL and their transactions go unseen). Exactly one row: the oldest session
+/// transaction and the oldest prepared transaction side by side (NULLs when none), in one
+/// statement because each statement costs the server a round of its own.
 const LONG_TRANSACTIONS_SQL: &str = "\
-SELECT pid, usename, application_name, state, \
-       extract(epoch FROM now() - xact_start) AS age \
-  FROM pg_stat_activity \
- WHERE backend_type = 'client backend' AND xact_start IS NOT NULL \
-   AND state IS DISTINCT FROM 'idle' \
-   AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) \
-   AND pid <> pg_backend_pid() \
- ORDER BY xact_start LIMIT 1; \
-SELECT gid, owner, database, extract(epoch FROM now() - prepared) AS age \
-  FROM pg_prepared_xacts ORDER BY prepared LIMIT 1";
+SELECT s.pid, s.usename, s.application_name, s.state, s.age, \
+       p.gid, p.database, p.age AS prepared_age \
+  FROM (SELECT 1) AS one \
+  LEFT JOIN LATERAL ( \
+    SELECT pid, usename, application_name, state, \
+           extract(epoch FROM now() - xact_start)::float8 AS age \
+      FROM pg_stat_activity \
+     WHERE backend_type = 'client backend' AND xact_start IS NOT NULL \
+       AND state IS DISTINCT FROM 'idle' \
+       AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) \
+       AND pid <> pg_backend_pid() \
+     ORDER BY xact_start LIMIT 1) AS s ON true \
+  LEFT JOIN LATERAL ( \
+    SELECT gid, database, extract(epoch FROM now() - prepared)::float8 AS age \
+      FROM pg_prepared_xacts ORDER BY prepared LIMIT 1) AS p ON true";
 
 crate::check_config! {
     /// `[check.postgres.long_transactions.NAME]`: age of the oldest open transaction,
@@ -122,13 +129,17 @@ impl OldestXact {
     }
 }
 
-/// Reads the two result sets of [`LONG_TRANSACTIONS_SQL`]; `None` when nothing is open.
+/// Reads the row of [`LONG_TRANSACTIONS_SQL`]; `None` when nothing is open.
 ///
 /// # Errors
-/// A message when an age is NULL or malformed.
+/// A message when the row is missing, or an age is NULL or malformed.
 pub fn parse_oldest(sets: &[Vec<TextRow>]) -> Result<Option<OldestXact>, String> {
+    let r = sets
+        .first()
+        .and_then(|s| s.first())
+        .ok_or("the query returned no row")?;
     let mut found: Vec<OldestXact> = Vec::new();
-    if let Some(r) = sets.first().and_then(|s| s.first()) {
+    if r.text("pid").is_some() {
         found.push(OldestXact::Session {
             pid: r.text("pid").unwrap_or("?").to_string(),
             user: r.text("usename").unwrap_or("?").to_string(),
@@ -137,11 +148,11 @@ pub fn parse_oldest(sets: &[Vec<TextRow>]) -> Result<Option<OldestXact>, String>
             age: r.f64("age")?.max(0.0),
         });
     }
-    if let Some(r) = sets.get(1).and_then(|s| s.first()) {
+    if r.text("gid").is_some() {
         found.push(OldestXact::Prepared {
             gid: r.text("gid").unwrap_or("?").to_string(),
             database: r.text("database").unwrap_or("?").to_string(),
-            age: r.f64("age")?.max(0.0),
+            age: r.f64("prepared_age")?.max(0.0),
         });
     }
     Ok(found.into_iter().max_by(|a, b| a.age().total_cmp(&b.age())))
@@ -193,27 +204,24 @@ mod tests {
 
     #[test]
     fn none_open_is_zero() {
-        let o = evaluate_long_transactions(parse_oldest(&[vec![], vec![]]).unwrap().as_ref(), &t());
+        let none = TextRow::from_pairs(&[("pid", None), ("age", None), ("gid", None)]);
+        let o = evaluate_long_transactions(parse_oldest(&[vec![none]]).unwrap().as_ref(), &t());
         assert_eq!(o.value, Some(0.0));
         assert_eq!(o.status, Status::Ok);
     }
 
     #[test]
     fn oldest_of_sessions_and_prepared() {
-        let sets = vec![
-            vec![TextRow::from_pairs(&[
-                ("pid", Some("4242")),
-                ("usename", Some("app")),
-                ("application_name", Some("psql")),
-                ("state", Some("idle in transaction")),
-                ("age", Some("400")),
-            ])],
-            vec![TextRow::from_pairs(&[
-                ("gid", Some("tx1")),
-                ("database", Some("orders")),
-                ("age", Some("10")),
-            ])],
-        ];
+        let sets = vec![vec![TextRow::from_pairs(&[
+            ("pid", Some("4242")),
+            ("usename", Some("app")),
+            ("application_name", Some("psql")),
+            ("state", Some("idle in transaction")),
+            ("age", Some("400")),
+            ("gid", Some("tx1")),
+            ("database", Some("orders")),
+            ("prepared_age", Some("10")),
+        ])]];
         let oldest = parse_oldest(&sets).unwrap();
         let o = evaluate_long_transactions(oldest.as_ref(), &t());
         assert_eq!(o.status, Status::Warning);

@@ -49,15 +49,15 @@ SELECT pg_is_in_recovery() AS in_recovery, \
        r.pid IS NOT NULL AS receiver_present, \
        r.status AS receiver_status, \
        pg_wal_lsn_diff(greatest(r.latest_end_lsn, pg_last_wal_receive_lsn()), \
-                       pg_last_wal_replay_lsn()) AS lag_bytes, \
+                       pg_last_wal_replay_lsn())::float8 AS lag_bytes, \
        pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() AS replayed_all, \
-       extract(epoch FROM now() - pg_last_xact_replay_timestamp()) AS replay_age, \
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS replay_age, \
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END AS replay_paused \
   FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true; \
 SELECT s.application_name AS name, s.state, \
        pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                            ELSE pg_current_wal_lsn() END, s.replay_lsn) AS lag_bytes, \
-       extract(epoch FROM s.replay_lag) AS replay_lag \
+                            ELSE pg_current_wal_lsn() END, s.replay_lsn)::float8 AS lag_bytes, \
+       extract(epoch FROM s.replay_lag)::float8 AS replay_lag \
   FROM pg_stat_replication AS s \
  WHERE s.state IS DISTINCT FROM 'backup' \
    AND NOT EXISTS (SELECT 1 FROM pg_replication_slots AS l \

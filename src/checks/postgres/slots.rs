@@ -27,7 +27,7 @@ const SLOTS_SQL: &str = "\
 SELECT slot_name, slot_type, active, \
        pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() \
                             THEN coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) \
-                            ELSE pg_current_wal_lsn() END, restart_lsn) AS retained_bytes \
+                            ELSE pg_current_wal_lsn() END, restart_lsn)::float8 AS retained_bytes \
   FROM pg_replication_slots ORDER BY slot_name";
 
 crate::check_config! {
