@@ -48,17 +48,30 @@ while True:
         sys.exit("no 200 from /health within 10s: " + open(f"{work}/log").read())
 print(f"exec to first 200 on /health: {(time.perf_counter() - t0) * 1000:.2f} ms")
 def cpu():
-    # schedstat's first field is time on CPU in ns: far finer than stat's clock ticks.
-    return int(open(f"/proc/{p.pid}/schedstat").read().split()[0]) / 1e9
+    # schedstat's first field is time on CPU in ns, far finer than stat's clock ticks; it
+    # is per thread, so sum the agent's threads (a thread that exited is not counted, so
+    # this is a lower bound when the blocking pool shrinks during the window).
+    total = 0
+    for t in os.listdir(f"/proc/{p.pid}/task"):
+        try:
+            total += int(open(f"/proc/{p.pid}/task/{t}/schedstat").read().split()[0])
+        except OSError:
+            pass
+    return total / 1e9
+def cpu_ticks():
+    # utime + stime of the whole process, including threads that have exited.
+    f = open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 def rss():
     for l in open(f"/proc/{p.pid}/status"):
         if l.startswith("VmRSS:"):
             return int(l.split()[1]) / 1024
-c0, t1 = cpu(), time.time()
+c0, k0, t1 = cpu(), cpu_ticks(), time.time()
 time.sleep(idle)
-c1, t2 = cpu(), time.time()
+c1, k1, t2 = cpu(), cpu_ticks(), time.time()
 print(f"idle {idle}s: RSS {rss():.2f} MiB; CPU {(c1 - c0) / ((t2 - t1) / 60):.4f} s per idle minute "
-      f"({(c1 - c0) * 1000:.1f} ms in {t2 - t1:.0f} s, /proc/PID/schedstat)")
+      f"({(c1 - c0) * 1000:.1f} ms in {t2 - t1:.0f} s, threads' schedstat); "
+      f"{(k1 - k0) / ((t2 - t1) / 60):.4f} s per idle minute by /proc/PID/stat (10 ms ticks)")
 PY
 
 echo "--- /health: wrk -t2 -c16 -d10s"

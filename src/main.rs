@@ -57,6 +57,9 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, u8> {
         // Blocking probes (statvfs, /proc reads) are short; a small pool bounds the threads
         // a hung filesystem can pin (stuck calls are not re-issued).
         .max_blocking_threads(16)
+        // Keep idle blocking threads past a 10s check interval instead of creating a new
+        // thread for every probe.
+        .thread_keep_alive(std::time::Duration::from_secs(60))
         .enable_all()
         .build()
         .map_err(|e| {

@@ -84,7 +84,7 @@ pub struct DiskCheck {
 
 impl DiskCheck {
     /// Builds the check, applying the defaults.
-    pub fn from_config(c: &DiskConfig) -> Self {
+    pub fn from_config(c: &DiskConfig, _common: &super::Common) -> Self {
         let (warn, crit) = thresholds_or_defaults(
             c.warn.map(|r| r.0),
             c.crit.map(|r| r.0),
@@ -756,16 +756,17 @@ mod tests {
 
     #[test]
     fn config_defaults_apply_only_when_both_thresholds_are_omitted() {
-        let c = DiskCheck::from_config(&config("path = \"/\""));
+        let c = DiskCheck::from_config(&config("path = \"/\""), &Default::default());
         assert_eq!(
             c.policy.thresholds,
             Thresholds::higher(Some(0.8), Some(0.9))
         );
         assert!(c.policy.expect_writable);
         assert_eq!(c.policy.full_within, None);
-        let c = DiskCheck::from_config(&config(
-            "path = \"/\"\ncrit = \"95%\"\nexpect_writable = false\nfull_within = \"6h\"",
-        ));
+        let c = DiskCheck::from_config(
+            &config("path = \"/\"\ncrit = \"95%\"\nexpect_writable = false\nfull_within = \"6h\""),
+            &Default::default(),
+        );
         assert_eq!(c.policy.thresholds, Thresholds::higher(None, Some(0.95)));
         assert!(!c.policy.expect_writable);
         assert_eq!(c.policy.full_within, Some(StdDuration::from_secs(6 * 3600)));
@@ -773,8 +774,10 @@ mod tests {
 
     #[tokio::test]
     async fn measures_a_real_filesystem() {
-        let mut c =
-            DiskCheck::from_config(&config(&format!("path = {:?}", env!("CARGO_MANIFEST_DIR"))));
+        let mut c = DiskCheck::from_config(
+            &config(&format!("path = {:?}", env!("CARGO_MANIFEST_DIR"))),
+            &Default::default(),
+        );
         let cx = CheckContext::host();
         let o = c.run(&cx).await.unwrap();
         let v = o.value.unwrap();
@@ -807,7 +810,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_path_is_an_error_naming_it() {
-        let mut c = DiskCheck::from_config(&config("path = \"/nonexistent/vigil-test\""));
+        let mut c = DiskCheck::from_config(
+            &config("path = \"/nonexistent/vigil-test\""),
+            &Default::default(),
+        );
         let e = c.run(&CheckContext::host()).await.unwrap_err();
         assert!(matches!(e, CheckError::Io { .. }), "{e:?}");
         assert!(

@@ -312,6 +312,22 @@ pub struct Common {
     pub essential: bool,
 }
 
+impl Default for Common {
+    /// A check built outside a config: the agent's default interval and timeout.
+    fn default() -> Self {
+        resolve_common(
+            None,
+            None,
+            None,
+            None,
+            &None,
+            None,
+            None,
+            Duration::from_secs(10),
+        )
+    }
+}
+
 /// The longest default timeout; an explicit `timeout` may be longer (up to the interval).
 const DEFAULT_MAX_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 
@@ -555,276 +571,124 @@ pub struct PostgresChecks {
     pub long_transactions: IndexMap<String, postgres::long_transactions::LongTransactionsConfig>,
 }
 
-/// One configured check of any kind, borrowed from the config.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum CheckSpec<'a> {
-    /// A `disk` check.
-    Disk(&'a disk::DiskConfig),
-    /// A `process` check.
-    Process(&'a process::ProcessConfig),
-    /// A `system` check.
-    System(&'a system::SystemConfig),
-    /// A `postgres.up` check.
-    PgUp(&'a postgres::up::UpConfig),
-    /// A `postgres.replication` check.
-    PgReplication(&'a postgres::replication::ReplicationConfig),
-    /// A `postgres.slots` check.
-    PgSlots(&'a postgres::slots::SlotsConfig),
-    /// A `postgres.archiving` check.
-    PgArchiving(&'a postgres::archiving::ArchivingConfig),
-    /// A `postgres.connections` check.
-    PgConnections(&'a postgres::connections::ConnectionsConfig),
-    /// A `postgres.wraparound` check.
-    PgWraparound(&'a postgres::wraparound::WraparoundConfig),
-    /// A `postgres.long_transactions` check.
-    PgLongTransactions(&'a postgres::long_transactions::LongTransactionsConfig),
+/// Generates the registry from one table: [`CheckSpec`] (a configured check borrowed from
+/// the config), [`AnyCheck`] (a runnable check) and [`ChecksConfig::iter`], each an
+/// exhaustive `match` over the kinds, so that adding a kind is one line here.
+///
+/// Each row: `Variant => "kind.name", ConfigType, CheckType, config.field.path` and, for
+/// kinds that connect to PostgreSQL, `dsn` (the config's `dsn` field).
+macro_rules! registry {
+    ( $( $variant:ident => $name:literal, $cfg:ty, $check:ty, $($field:ident).+ $(, $dsn:ident)? ; )* ) => {
+        /// One configured check of any kind, borrowed from the config.
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub enum CheckSpec<'a> {
+            $(
+                #[doc = concat!("A `", $name, "` check.")]
+                $variant(&'a $cfg),
+            )*
+        }
+
+        impl CheckSpec<'_> {
+            /// The kind's name.
+            pub fn kind(&self) -> &'static str {
+                match self { $( CheckSpec::$variant(_) => $name, )* }
+            }
+
+            /// The common keys, resolved.
+            pub fn common(&self, default_interval: Duration) -> Common {
+                match self { $( CheckSpec::$variant(c) => c.common(default_interval), )* }
+            }
+
+            /// `warn` and `crit` in the kind's base unit, as written.
+            pub fn raw_thresholds(&self) -> (Option<f64>, Option<f64>) {
+                fn base<T: ThresholdValue>((w, c): (Option<T>, Option<T>)) -> (Option<f64>, Option<f64>) {
+                    (w.map(T::base), c.map(T::base))
+                }
+                match self { $( CheckSpec::$variant(c) => base(c.raw_thresholds()), )* }
+            }
+
+            /// `trip_after` and `clear_after` as written.
+            pub fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>) {
+                match self { $( CheckSpec::$variant(c) => c.raw_hysteresis(), )* }
+            }
+
+            /// Kind-specific problems as `(key, message)`; host-dependent facts only when
+            /// `enabled`.
+            pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+                match self { $( CheckSpec::$variant(c) => c.validate(enabled), )* }
+            }
+
+            /// The PostgreSQL DSN of a `postgres.*` check.
+            pub fn dsn(&self) -> Option<&crate::pg::Dsn> {
+                match self { $( CheckSpec::$variant(_c) => registry!(@dsn _c $($dsn)?), )* }
+            }
+
+            /// Builds the runnable check.
+            pub fn build(&self, common: &Common) -> AnyCheck {
+                match self { $( CheckSpec::$variant(c) => AnyCheck::$variant(<$check>::from_config(c, common)), )* }
+            }
+        }
+
+        /// A runnable check of any kind (the registry's enum; mini-redis's `Command`).
+        pub enum AnyCheck {
+            $(
+                #[doc = concat!("A `", $name, "` check.")]
+                $variant($check),
+            )*
+        }
+
+        impl AnyCheck {
+            /// The kind's name.
+            pub fn kind(&self) -> &'static str {
+                match self { $( AnyCheck::$variant(_) => $name, )* }
+            }
+
+            /// Measures once.
+            pub async fn run(&mut self, cx: &CheckContext) -> Result<Observation, CheckError> {
+                match self { $( AnyCheck::$variant(c) => c.run(cx).await, )* }
+            }
+        }
+
+        impl ChecksConfig {
+            /// Every configured check as `(name, spec)`, in the order of the file.
+            pub fn iter(&self) -> impl Iterator<Item = (&str, CheckSpec<'_>)> {
+                let mut all: Vec<(&str, CheckSpec<'_>)> = Vec::new();
+                $( all.extend(self.$($field).+.iter().map(|(n, c)| (n.as_str(), CheckSpec::$variant(c)))); )*
+                // Names are unique across kinds in a valid config; a name missing from
+                // `order` (a config built in code) keeps its place after the ordered ones.
+                all.sort_by_key(|(n, _)| self.order.iter().position(|o| o == n).unwrap_or(usize::MAX));
+                all.into_iter()
+            }
+        }
+    };
+    (@dsn $c:ident dsn) => { Some(&$c.dsn) };
+    (@dsn $c:ident) => { None };
+}
+
+registry! {
+    Disk => "disk", disk::DiskConfig, disk::DiskCheck, disk;
+    Process => "process", process::ProcessConfig, process::ProcessCheck, process;
+    System => "system", system::SystemConfig, system::SystemCheck, system;
+    PgUp => "postgres.up", postgres::up::UpConfig, postgres::up::UpCheck, postgres.up, dsn;
+    PgReplication => "postgres.replication", postgres::replication::ReplicationConfig,
+        postgres::replication::ReplicationCheck, postgres.replication, dsn;
+    PgSlots => "postgres.slots", postgres::slots::SlotsConfig, postgres::slots::SlotsCheck,
+        postgres.slots, dsn;
+    PgArchiving => "postgres.archiving", postgres::archiving::ArchivingConfig,
+        postgres::archiving::ArchivingCheck, postgres.archiving, dsn;
+    PgConnections => "postgres.connections", postgres::connections::ConnectionsConfig,
+        postgres::connections::ConnectionsCheck, postgres.connections, dsn;
+    PgWraparound => "postgres.wraparound", postgres::wraparound::WraparoundConfig,
+        postgres::wraparound::WraparoundCheck, postgres.wraparound, dsn;
+    PgLongTransactions => "postgres.long_transactions",
+        postgres::long_transactions::LongTransactionsConfig,
+        postgres::long_transactions::LongTransactionsCheck, postgres.long_transactions, dsn;
 }
 
 impl CheckSpec<'_> {
-    /// The kind's name.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CheckSpec::Disk(_) => "disk",
-            CheckSpec::Process(_) => "process",
-            CheckSpec::System(_) => "system",
-            CheckSpec::PgUp(_) => "postgres.up",
-            CheckSpec::PgReplication(_) => "postgres.replication",
-            CheckSpec::PgSlots(_) => "postgres.slots",
-            CheckSpec::PgArchiving(_) => "postgres.archiving",
-            CheckSpec::PgConnections(_) => "postgres.connections",
-            CheckSpec::PgWraparound(_) => "postgres.wraparound",
-            CheckSpec::PgLongTransactions(_) => "postgres.long_transactions",
-        }
-    }
-
-    /// The common keys, resolved.
-    pub fn common(&self, default_interval: Duration) -> Common {
-        match self {
-            CheckSpec::Disk(c) => c.common(default_interval),
-            CheckSpec::Process(c) => c.common(default_interval),
-            CheckSpec::System(c) => c.common(default_interval),
-            CheckSpec::PgUp(c) => c.common(default_interval),
-            CheckSpec::PgReplication(c) => c.common(default_interval),
-            CheckSpec::PgSlots(c) => c.common(default_interval),
-            CheckSpec::PgArchiving(c) => c.common(default_interval),
-            CheckSpec::PgConnections(c) => c.common(default_interval),
-            CheckSpec::PgWraparound(c) => c.common(default_interval),
-            CheckSpec::PgLongTransactions(c) => c.common(default_interval),
-        }
-    }
-
-    /// `warn` and `crit` in the kind's base unit, as written.
-    pub fn raw_thresholds(&self) -> (Option<f64>, Option<f64>) {
-        fn base<T: ThresholdValue>((w, c): (Option<T>, Option<T>)) -> (Option<f64>, Option<f64>) {
-            (w.map(T::base), c.map(T::base))
-        }
-        match self {
-            CheckSpec::Disk(c) => base(c.raw_thresholds()),
-            CheckSpec::Process(c) => base(c.raw_thresholds()),
-            CheckSpec::System(c) => base(c.raw_thresholds()),
-            CheckSpec::PgUp(c) => base(c.raw_thresholds()),
-            CheckSpec::PgReplication(c) => base(c.raw_thresholds()),
-            CheckSpec::PgSlots(c) => base(c.raw_thresholds()),
-            CheckSpec::PgArchiving(c) => base(c.raw_thresholds()),
-            CheckSpec::PgConnections(c) => base(c.raw_thresholds()),
-            CheckSpec::PgWraparound(c) => base(c.raw_thresholds()),
-            CheckSpec::PgLongTransactions(c) => base(c.raw_thresholds()),
-        }
-    }
-
-    /// `trip_after` and `clear_after` as written.
-    pub fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>) {
-        match self {
-            CheckSpec::Disk(c) => c.raw_hysteresis(),
-            CheckSpec::Process(c) => c.raw_hysteresis(),
-            CheckSpec::System(c) => c.raw_hysteresis(),
-            CheckSpec::PgUp(c) => c.raw_hysteresis(),
-            CheckSpec::PgReplication(c) => c.raw_hysteresis(),
-            CheckSpec::PgSlots(c) => c.raw_hysteresis(),
-            CheckSpec::PgArchiving(c) => c.raw_hysteresis(),
-            CheckSpec::PgConnections(c) => c.raw_hysteresis(),
-            CheckSpec::PgWraparound(c) => c.raw_hysteresis(),
-            CheckSpec::PgLongTransactions(c) => c.raw_hysteresis(),
-        }
-    }
-
-    /// Kind-specific problems as `(key, message)`; host-dependent facts only when `enabled`.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
-        match self {
-            CheckSpec::Disk(c) => c.validate(enabled),
-            CheckSpec::Process(c) => c.validate(),
-            CheckSpec::System(c) => c.validate(),
-            CheckSpec::PgUp(c) => c.validate(),
-            CheckSpec::PgReplication(c) => c.validate(),
-            CheckSpec::PgSlots(c) => c.validate(),
-            CheckSpec::PgArchiving(c) => c.validate(),
-            CheckSpec::PgConnections(c) => c.validate(),
-            CheckSpec::PgWraparound(c) => c.validate(),
-            CheckSpec::PgLongTransactions(c) => c.validate(),
-        }
-    }
-
     /// Checks with the same key are scheduled together (the postgres kinds: their DSN).
     pub fn schedule_group(&self) -> Option<String> {
         self.dsn().map(|d| format!("{d:?}"))
-    }
-
-    /// The PostgreSQL DSN of a `postgres.*` check.
-    pub fn dsn(&self) -> Option<&crate::pg::Dsn> {
-        match self {
-            CheckSpec::PgUp(c) => Some(&c.dsn),
-            CheckSpec::PgReplication(c) => Some(&c.dsn),
-            CheckSpec::PgSlots(c) => Some(&c.dsn),
-            CheckSpec::PgArchiving(c) => Some(&c.dsn),
-            CheckSpec::PgConnections(c) => Some(&c.dsn),
-            CheckSpec::PgWraparound(c) => Some(&c.dsn),
-            CheckSpec::PgLongTransactions(c) => Some(&c.dsn),
-            CheckSpec::Disk(_) | CheckSpec::Process(_) | CheckSpec::System(_) => None,
-        }
-    }
-
-    /// Builds the runnable check.
-    pub fn build(&self, common: &Common) -> AnyCheck {
-        match self {
-            CheckSpec::Disk(c) => AnyCheck::Disk(disk::DiskCheck::from_config(c)),
-            CheckSpec::Process(c) => AnyCheck::Process(process::ProcessCheck::from_config(c)),
-            CheckSpec::System(c) => AnyCheck::System(system::SystemCheck::from_config(c)),
-            CheckSpec::PgUp(c) => AnyCheck::PgUp(postgres::up::UpCheck::from_config(c, common)),
-            CheckSpec::PgReplication(c) => AnyCheck::PgReplication(
-                postgres::replication::ReplicationCheck::from_config(c, common),
-            ),
-            CheckSpec::PgSlots(c) => {
-                AnyCheck::PgSlots(postgres::slots::SlotsCheck::from_config(c, common))
-            }
-            CheckSpec::PgArchiving(c) => {
-                AnyCheck::PgArchiving(postgres::archiving::ArchivingCheck::from_config(c, common))
-            }
-            CheckSpec::PgConnections(c) => AnyCheck::PgConnections(
-                postgres::connections::ConnectionsCheck::from_config(c, common),
-            ),
-            CheckSpec::PgWraparound(c) => AnyCheck::PgWraparound(
-                postgres::wraparound::WraparoundCheck::from_config(c, common),
-            ),
-            CheckSpec::PgLongTransactions(c) => AnyCheck::PgLongTransactions(
-                postgres::long_transactions::LongTransactionsCheck::from_config(c, common),
-            ),
-        }
-    }
-}
-
-impl ChecksConfig {
-    /// Every configured check as `(name, spec)`, in the order of the file.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, CheckSpec<'_>)> {
-        let disk = self
-            .disk
-            .iter()
-            .map(|(n, c)| (n.as_str(), CheckSpec::Disk(c)));
-        let process = self
-            .process
-            .iter()
-            .map(|(n, c)| (n.as_str(), CheckSpec::Process(c)));
-        let system = self
-            .system
-            .iter()
-            .map(|(n, c)| (n.as_str(), CheckSpec::System(c)));
-        let pg = &self.postgres;
-        let postgres = pg
-            .up
-            .iter()
-            .map(|(n, c)| (n.as_str(), CheckSpec::PgUp(c)))
-            .chain(
-                pg.replication
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgReplication(c))),
-            )
-            .chain(
-                pg.slots
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgSlots(c))),
-            )
-            .chain(
-                pg.archiving
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgArchiving(c))),
-            )
-            .chain(
-                pg.connections
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgConnections(c))),
-            )
-            .chain(
-                pg.wraparound
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgWraparound(c))),
-            )
-            .chain(
-                pg.long_transactions
-                    .iter()
-                    .map(|(n, c)| (n.as_str(), CheckSpec::PgLongTransactions(c))),
-            );
-        let mut all: Vec<_> = disk.chain(process).chain(system).chain(postgres).collect();
-        // Names are unique across kinds in a valid config; a name missing from `order`
-        // (a config built in code) keeps its place after the ordered ones.
-        all.sort_by_key(|(n, _)| self.order.iter().position(|o| o == n).unwrap_or(usize::MAX));
-        all.into_iter()
-    }
-}
-
-/// A runnable check of any kind (the registry's enum; mini-redis's `Command`).
-pub enum AnyCheck {
-    /// See [`disk`].
-    Disk(disk::DiskCheck),
-    /// See [`process`].
-    Process(process::ProcessCheck),
-    /// See [`system`].
-    System(system::SystemCheck),
-    /// See [`postgres::up`].
-    PgUp(postgres::up::UpCheck),
-    /// See [`postgres::replication`].
-    PgReplication(postgres::replication::ReplicationCheck),
-    /// See [`postgres::slots`].
-    PgSlots(postgres::slots::SlotsCheck),
-    /// See [`postgres::archiving`].
-    PgArchiving(postgres::archiving::ArchivingCheck),
-    /// See [`postgres::connections`].
-    PgConnections(postgres::connections::ConnectionsCheck),
-    /// See [`postgres::wraparound`].
-    PgWraparound(postgres::wraparound::WraparoundCheck),
-    /// See [`postgres::long_transactions`].
-    PgLongTransactions(postgres::long_transactions::LongTransactionsCheck),
-}
-
-impl AnyCheck {
-    /// The kind's name.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            AnyCheck::Disk(_) => "disk",
-            AnyCheck::Process(_) => "process",
-            AnyCheck::System(_) => "system",
-            AnyCheck::PgUp(_) => "postgres.up",
-            AnyCheck::PgReplication(_) => "postgres.replication",
-            AnyCheck::PgSlots(_) => "postgres.slots",
-            AnyCheck::PgArchiving(_) => "postgres.archiving",
-            AnyCheck::PgConnections(_) => "postgres.connections",
-            AnyCheck::PgWraparound(_) => "postgres.wraparound",
-            AnyCheck::PgLongTransactions(_) => "postgres.long_transactions",
-        }
-    }
-
-    /// Measures once.
-    pub async fn run(&mut self, cx: &CheckContext) -> Result<Observation, CheckError> {
-        match self {
-            AnyCheck::Disk(c) => c.run(cx).await,
-            AnyCheck::Process(c) => c.run(cx).await,
-            AnyCheck::System(c) => c.run(cx).await,
-            AnyCheck::PgUp(c) => c.run(cx).await,
-            AnyCheck::PgReplication(c) => c.run(cx).await,
-            AnyCheck::PgSlots(c) => c.run(cx).await,
-            AnyCheck::PgArchiving(c) => c.run(cx).await,
-            AnyCheck::PgConnections(c) => c.run(cx).await,
-            AnyCheck::PgWraparound(c) => c.run(cx).await,
-            AnyCheck::PgLongTransactions(c) => c.run(cx).await,
-        }
     }
 }
 

@@ -69,7 +69,7 @@ impl ProcessConfig {
     ///
     /// # Errors
     /// A message naming the offending keys.
-    pub fn validate(&self) -> Vec<(&'static str, String)> {
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         match (&self.name, &self.pidfile) {
             (Some(_), Some(_)) => problems.push((
@@ -127,8 +127,8 @@ pub struct ProcessCheck {
 
 impl ProcessCheck {
     /// Builds the check, applying the defaults.
-    pub fn from_config(c: &ProcessConfig) -> Self {
-        let problems = c.validate();
+    pub fn from_config(c: &ProcessConfig, _common: &super::Common) -> Self {
+        let problems = c.validate(true);
         let target = match (&c.name, &c.pidfile, problems.first()) {
             (Some(n), None, None) => Target::Name(n.clone()),
             (None, Some(p), None) => Target::Pidfile(p.clone()),
@@ -598,7 +598,7 @@ mod tests {
 
     fn check(toml_text: &str) -> ProcessCheck {
         let c: ProcessConfig = toml::from_str(toml_text).unwrap();
-        ProcessCheck::from_config(&c)
+        ProcessCheck::from_config(&c, &Default::default())
     }
 
     fn metric(o: &Observation, name: &str) -> Option<f64> {
@@ -796,7 +796,7 @@ mod tests {
     #[test]
     fn validation_names_the_keys() {
         let c = |t: &str| {
-            let v = toml::from_str::<ProcessConfig>(t).unwrap().validate();
+            let v = toml::from_str::<ProcessConfig>(t).unwrap().validate(true);
             match v.first() {
                 None => Ok(()),
                 Some((_, m)) => Err(m.clone()),

@@ -66,7 +66,7 @@ impl SystemConfig {
     ///
     /// # Errors
     /// A message naming the keys in the wrong order.
-    pub fn validate(&self) -> Vec<(&'static str, String)> {
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if let Some((w, c)) = self.mem_warn.zip(self.mem_crit).filter(|(w, c)| w.0 < c.0) {
             problems.push((
@@ -93,7 +93,7 @@ pub struct SystemCheck {
 
 impl SystemCheck {
     /// Builds the check, applying the defaults.
-    pub fn from_config(c: &SystemConfig) -> Self {
+    pub fn from_config(c: &SystemConfig, _common: &super::Common) -> Self {
         let (warn, crit) = thresholds_or_defaults(
             c.warn.map(|n| n.0),
             c.crit.map(|n| n.0),
@@ -546,7 +546,7 @@ mod tests {
 
     fn check(toml_text: &str) -> SystemCheck {
         let c: SystemConfig = toml::from_str(toml_text).unwrap();
-        SystemCheck::from_config(&c)
+        SystemCheck::from_config(&c, &Default::default())
     }
 
     fn metric(o: &Observation, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -751,7 +751,7 @@ mod tests {
     #[test]
     fn validation_names_the_keys() {
         let c = |t: &str| {
-            let v = toml::from_str::<SystemConfig>(t).unwrap().validate();
+            let v = toml::from_str::<SystemConfig>(t).unwrap().validate(true);
             match v.first() {
                 None => Ok(()),
                 Some((_, m)) => Err(m.clone()),

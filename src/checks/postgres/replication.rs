@@ -84,7 +84,7 @@ crate::check_config! {
 
 impl ReplicationConfig {
     /// The DSN must parse; `warn_time` must not exceed `crit_time`.
-    pub fn validate(&self) -> Vec<(&'static str, String)> {
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut v = validate_dsn(&self.dsn);
         if let (Some(w), Some(c)) = (self.warn_time, self.crit_time) {
             if w > c {
@@ -690,7 +690,7 @@ mod tests {
             "dsn = \"host=/tmp user=v\"\nwarn_time = \"1m\"\ncrit_time = \"10s\"\nmin_standbys = 1",
         )
         .unwrap();
-        assert_eq!(c.validate().len(), 1);
+        assert_eq!(c.validate(true).len(), 1);
         let chk = ReplicationCheck::from_config(
             &c,
             &crate::checks::KindConfig::common(&c, crate::config::types::Duration::from_secs(10)),

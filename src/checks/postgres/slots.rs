@@ -40,7 +40,7 @@ crate::check_config! {
 
 impl SlotsConfig {
     /// The DSN must parse.
-    pub fn validate(&self) -> Vec<(&'static str, String)> {
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         validate_dsn(&self.dsn)
     }
 }

@@ -42,7 +42,7 @@ crate::check_config! {
 
 impl UpConfig {
     /// The DSN must parse.
-    pub fn validate(&self) -> Vec<(&'static str, String)> {
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         validate_dsn(&self.dsn)
     }
 }
