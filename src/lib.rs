@@ -10,6 +10,8 @@
 //! - [`http`]: the local API (TCP, read-only; admin Unix socket);
 //! - [`agent`]: the composition root of `vigil agent`, signals and reload;
 //! - [`client`]: talks to a running agent for `status` and `lifecycle`;
+//! - [`pg`]: PostgreSQL sessions shared by the postgres kinds; [`runner`]: runs external
+//!   programs (backup tools) with a timeout, a cleared environment and bounded output;
 //! - [`pg`]: PostgreSQL sessions shared by the `postgres.*` checks (DSN, passfile, TLS);
 //! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
 
@@ -23,6 +25,7 @@ pub mod exit;
 pub mod http;
 pub mod lifecycle;
 pub mod pg;
+pub mod runner;
 pub mod scheduler;
 pub mod state;
 pub mod systemd;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::types::{Duration, ThresholdValue};
 
+pub mod backup;
 pub mod disk;
 pub mod postgres;
 pub mod process;
@@ -452,6 +453,11 @@ pub struct KindInfo {
     pub unit: Unit,
     /// Which way is worse for `warn`/`crit`.
     pub direction: Direction,
+    /// The kind's least default interval (the agent's interval when that is longer):
+    /// tools that read a backup repository run every few minutes, not every 10 seconds.
+    pub default_interval: Option<StdDuration>,
+    /// The kind's default timeout (at most the interval) when `timeout` is not set.
+    pub default_timeout: Option<StdDuration>,
 }
 
 /// Every kind this build knows, in the order of the contract's table.
@@ -461,60 +467,112 @@ pub const KINDS: &[KindInfo] = &[
         summary: "used ratio of a filesystem; inodes, read-only mount, predicted time to full",
         unit: Unit::Ratio,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "process",
         summary: "count of matching processes against min/max; restarts, RSS, open fds",
         unit: Unit::Count,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "system",
         summary: "load per core; memory available, pressure stall, OOM kills",
         unit: Unit::Load,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.up",
         summary: "connect + SELECT round-trip time; role",
         unit: Unit::Seconds,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.replication",
         summary: "role-aware replication lag (bytes; seconds via warn_time/crit_time); standbys connected",
         unit: Unit::Bytes,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.slots",
         summary: "largest WAL retained by a replication slot; inactive slots named",
         unit: Unit::Bytes,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.archiving",
         summary: "seconds since the last successful WAL archive while segments wait; failures",
         unit: Unit::Seconds,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.connections",
         summary: "used ratio of max_connections",
         unit: Unit::Ratio,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.wraparound",
         summary: "max age(datfrozenxid) (and multixact age) as a ratio of 2^31",
         unit: Unit::Ratio,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
     },
     KindInfo {
         name: "postgres.long_transactions",
         summary: "age in seconds of the oldest open transaction",
         unit: Unit::Seconds,
         direction: Direction::HigherIsWorse,
+        default_interval: None,
+        default_timeout: None,
+    },
+    KindInfo {
+        name: "backup.pgbackrest",
+        summary: "seconds since the newest successful pgBackRest backup ended",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+        default_interval: Some(StdDuration::from_secs(300)),
+        default_timeout: Some(StdDuration::from_secs(120)),
+    },
+    KindInfo {
+        name: "backup.walg",
+        summary: "seconds since the newest WAL-G backup finished",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+        default_interval: Some(StdDuration::from_secs(300)),
+        default_timeout: Some(StdDuration::from_secs(120)),
+    },
+    KindInfo {
+        name: "backup.barman",
+        summary: "seconds since the newest DONE Barman backup ended",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+        default_interval: Some(StdDuration::from_secs(300)),
+        default_timeout: Some(StdDuration::from_secs(120)),
+    },
+    KindInfo {
+        name: "backup.files",
+        summary: "seconds since the newest file matching a glob was modified; its size",
+        unit: Unit::Seconds,
+        direction: Direction::HigherIsWorse,
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
     },
 ];
 
@@ -539,9 +597,30 @@ pub struct ChecksConfig {
     /// `[check.system.NAME]`
     #[serde(default)]
     pub system: IndexMap<String, system::SystemConfig>,
+    /// `[check.backup.KIND.NAME]`
+    #[serde(default)]
+    pub backup: BackupChecks,
     /// `[check.postgres.KIND.NAME]`
     #[serde(default)]
     pub postgres: PostgresChecks,
+}
+
+/// The `[check.backup]` table: one map per `backup.*` kind.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupChecks {
+    /// `[check.backup.pgbackrest.NAME]`
+    #[serde(default)]
+    pub pgbackrest: IndexMap<String, backup::pgbackrest::PgbackrestConfig>,
+    /// `[check.backup.walg.NAME]`
+    #[serde(default)]
+    pub walg: IndexMap<String, backup::walg::WalgConfig>,
+    /// `[check.backup.barman.NAME]`
+    #[serde(default)]
+    pub barman: IndexMap<String, backup::barman::BarmanConfig>,
+    /// `[check.backup.files.NAME]`
+    #[serde(default)]
+    pub files: IndexMap<String, backup::files::FilesConfig>,
 }
 
 /// The `[check.postgres]` table: one map per `postgres.*` kind.
@@ -594,9 +673,21 @@ macro_rules! registry {
                 match self { $( CheckSpec::$variant(_) => $name, )* }
             }
 
-            /// The common keys, resolved.
+            /// The common keys, resolved against the agent's interval and the kind's own
+            /// defaults ([`KindInfo::default_interval`], [`KindInfo::default_timeout`]).
             pub fn common(&self, default_interval: Duration) -> Common {
-                match self { $( CheckSpec::$variant(c) => c.common(default_interval), )* }
+                let info = kind_info(self.kind());
+                let interval = match info.and_then(|k| k.default_interval) {
+                    Some(i) => Duration(i.max(default_interval.get())),
+                    None => default_interval,
+                };
+                let (mut common, timeout_set) = match self {
+                    $( CheckSpec::$variant(c) => (c.common(interval), c.timeout.is_some()), )*
+                };
+                if let (false, Some(t)) = (timeout_set, info.and_then(|k| k.default_timeout)) {
+                    common.timeout = t.min(common.interval);
+                }
+                common
             }
 
             /// `warn` and `crit` in the kind's base unit, as written.
@@ -683,6 +774,13 @@ registry! {
     PgLongTransactions => "postgres.long_transactions",
         postgres::long_transactions::LongTransactionsConfig,
         postgres::long_transactions::LongTransactionsCheck, postgres.long_transactions, dsn;
+    BackupPgbackrest => "backup.pgbackrest", backup::pgbackrest::PgbackrestConfig,
+        backup::pgbackrest::PgbackrestCheck, backup.pgbackrest;
+    BackupWalg => "backup.walg", backup::walg::WalgConfig, backup::walg::WalgCheck, backup.walg;
+    BackupBarman => "backup.barman", backup::barman::BarmanConfig, backup::barman::BarmanCheck,
+        backup.barman;
+    BackupFiles => "backup.files", backup::files::FilesConfig, backup::files::FilesCheck,
+        backup.files;
 }
 
 impl CheckSpec<'_> {
@@ -715,6 +813,9 @@ mod tests {
         let minimal = |kind: &str| match kind {
             "disk" => "path = \"/\"",
             "process" => "name = \"init\"",
+            "backup.pgbackrest" => "stanza = \"main\"",
+            "backup.barman" => "server = \"main\"",
+            "backup.files" => "glob = \"/x/*\"",
             k if k.starts_with("postgres.") => "dsn = \"host=/var/run/postgresql user=vigil\"",
             _ => "",
         };
