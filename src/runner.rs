@@ -8,18 +8,33 @@
 //!   `PGPASSWORD` or AWS keys leak from the agent);
 //! - working directory `/`, stdin `/dev/null`;
 //! - its own process group, so that at `timeout` the whole group gets SIGTERM and, after
-//!   [`KILL_GRACE`], SIGKILL: a tool's grandchildren die with it;
+//!   a grace period ([`KILL_GRACE`] by default), SIGKILL: a tool's grandchildren die with
+//!   it. Dropping the [`Runner::run`] future before the program ended (the scheduler does
+//!   that at a check's timeout) SIGKILLs the group at once;
 //! - stdout and stderr are read concurrently and kept up to `max_output` bytes each; the
 //!   rest is read and discarded (so the program never blocks on a full pipe) and the
-//!   outcome says it was cut.
+//!   outcome says it was cut. A timed-out outcome keeps what was read before the kill.
+//!
+//! The group is only ever signalled while its leader is not yet reaped: an unreaped leader
+//! (running or a zombie) keeps its pid, and so the group id, from being reused, so a
+//! signal can never reach an unrelated process group that happens to get the same number.
+//! Leftover members that closed both pipes and outlive a leader that exited on its own are
+//! not hunted down (that would need the leader's pid after it was reaped).
 //!
 //! The request and outcome are plain data (serde) so that the same exchange can cross
 //! the privileged `vigil runner`'s socket when `run_as` names another user; the
-//! in-process [`Runner`] switches user itself only when the agent runs as root.
+//! in-process [`Runner`] switches user itself only when the agent runs as root. A switched
+//! program gets the user's uid and primary gid; supplementary groups are dropped (std
+//! offers no safe way to set them).
 
+use std::io;
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::{Pid, Uid};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
@@ -31,6 +46,16 @@ pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// The default cap on each of stdout and stderr.
 pub const DEFAULT_MAX_OUTPUT: usize = 64 * 1024;
+
+/// How long to wait for the group's leader to be reaped (and the pipes to close) after
+/// the SIGKILL; only a process outside the group holding a pipe, or a leader stuck in
+/// uninterruptible sleep, makes this matter.
+const REAP_WAIT: Duration = Duration::from_secs(1);
+/// How often the grace period looks whether the leader has exited.
+const EXIT_POLL: Duration = Duration::from_millis(20);
+/// Bytes read from a pipe at once: the default Linux pipe capacity, so a writer that
+/// filled its pipe is unblocked in one read.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +70,20 @@ pub struct Request {
     pub timeout: Duration,
     /// Most bytes kept of each of stdout and stderr.
     pub max_output: usize,
+}
+
+impl Request {
+    /// A request for `argv` with no extra environment, as the agent's user, keeping
+    /// [`DEFAULT_MAX_OUTPUT`] bytes of each stream.
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>, timeout: Duration) -> Self {
+        Request {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            run_as: None,
+            timeout,
+            max_output: DEFAULT_MAX_OUTPUT,
+        }
+    }
 }
 
 /// How a program ended.
@@ -64,7 +103,8 @@ pub enum Exit {
 pub struct Outcome {
     /// How it ended.
     pub exit: Exit,
-    /// Standard output, at most `max_output` bytes.
+    /// Standard output, at most `max_output` bytes (what was read until the kill when
+    /// it timed out).
     pub stdout: Vec<u8>,
     /// Standard error, at most `max_output` bytes.
     pub stderr: Vec<u8>,
@@ -77,25 +117,37 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Whether the program exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit == Exit::Code(0)
+    }
+
     /// The first line of stderr (or stdout), at most `max` characters: what a check's
     /// message quotes when a tool fails.
     pub fn first_error_line(&self, max: usize) -> String {
-        let pick = |b: &[u8]| {
-            String::from_utf8_lossy(b)
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .map(str::to_string)
-        };
-        let line = pick(&self.stderr)
-            .or_else(|| pick(&self.stdout))
+        let line = first_line(&self.stderr)
+            .or_else(|| first_line(&self.stdout))
             .unwrap_or_default();
-        if line.chars().count() > max {
-            let cut: String = line.chars().take(max).collect();
-            format!("{cut}…")
-        } else {
-            line
-        }
+        cut_chars(&line, max)
+    }
+}
+
+/// The first non-blank line of `b`, trimmed.
+fn first_line(b: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+}
+
+/// `s` cut to `max` characters, with `…` when cut.
+pub fn cut_chars(s: &str, max: usize) -> String {
+    if s.chars().count() > max {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        s.to_string()
     }
 }
 
@@ -105,7 +157,8 @@ pub enum RunError {
     /// The request names no program.
     #[error("empty command")]
     Empty,
-    /// The program does not exist or is not executable.
+    /// The program does not exist or is not executable (or the request holds a NUL byte
+    /// or an invalid environment variable name).
     #[error("cannot run {program}: {source}")]
     Spawn {
         /// `argv[0]`.
@@ -134,15 +187,30 @@ pub enum RunError {
 }
 
 /// Runs programs. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Runner {
-    _private: (),
+    /// Time between SIGTERM and SIGKILL at a timeout.
+    kill_grace: Duration,
+}
+
+impl Default for Runner {
+    fn default() -> Self {
+        Runner::in_process()
+    }
 }
 
 impl Runner {
     /// A runner that spawns programs from the agent's own process.
     pub fn in_process() -> Self {
-        Runner { _private: () }
+        Runner {
+            kill_grace: KILL_GRACE,
+        }
+    }
+
+    /// The same runner with another time between SIGTERM and SIGKILL at a timeout.
+    pub fn with_kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
     }
 
     /// Whether this runner can run programs as `user`: without the privileged runner
@@ -156,11 +224,29 @@ impl Runner {
 
     /// Runs `req` to completion, killing its process group at the timeout.
     ///
+    /// Cancel-safe in the sense that matters here: dropping the future before it finished
+    /// SIGKILLs the program's whole group.
+    ///
     /// # Errors
-    /// The program could not be started, or its pipes failed; a program that ran and
+    /// The program could not be started (missing, not executable, `run_as` not possible,
+    /// an invalid environment variable name), or its pipes failed; a program that ran and
     /// failed is an `Ok` outcome with its exit.
     pub async fn run(&self, req: &Request) -> Result<Outcome, RunError> {
         let program = req.argv.first().ok_or(RunError::Empty)?.clone();
+        let spawn_err = |source| RunError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        if let Some((bad, _)) = req
+            .env
+            .iter()
+            .find(|(k, _)| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(spawn_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid environment variable name {bad:?}"),
+            )));
+        }
         let mut cmd = Command::new(&program);
         cmd.args(&req.argv[1..])
             .env_clear()
@@ -171,6 +257,7 @@ impl Runner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
+            // Covers the direct child only; `GroupGuard` covers the rest of the group.
             .kill_on_drop(true);
         if let Some(user) = &req.run_as {
             if let Some((uid, gid)) = resolve_user(user)? {
@@ -178,96 +265,168 @@ impl Runner {
             }
         }
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        let pgid = child.id().and_then(|id| i32::try_from(id).ok());
-        let io = |source| RunError::Io {
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let io_err = |source| RunError::Io {
             program: program.clone(),
             source,
         };
-        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(io(std::io::Error::other("child pipes missing")));
+        // `id()` is `None` only once the child was reaped, which nothing has done yet.
+        let Some(pgid) = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
+        else {
+            return Err(io_err(io::Error::other("the spawned program has no pid")));
         };
-        let max = req.max_output;
-        let reading = async { tokio::join!(read_capped(out, max), read_capped(err, max)) };
-        let waiting = async {
-            let (o, e) = reading.await;
-            let status = child.wait().await;
-            (o, e, status)
-        };
-        match tokio::time::timeout(req.timeout, waiting).await {
-            Ok((o, e, status)) => {
-                let (stdout, stdout_truncated) = o.map_err(io)?;
-                let (stderr, stderr_truncated) = e.map_err(io)?;
-                let status = status.map_err(io)?;
-                use std::os::unix::process::ExitStatusExt;
-                let exit = match (status.code(), status.signal()) {
+        // Declared after `child`, so it drops first, while the leader is still unreaped.
+        let mut guard = GroupGuard { pgid: Some(pgid) };
+        let mut out = Capture::new(child.stdout.take(), req.max_output);
+        let mut err = Capture::new(child.stderr.take(), req.max_output);
+
+        let finished = tokio::time::timeout_at(started + req.timeout, async {
+            tokio::join!(out.drain(), err.drain());
+            child.wait().await
+        })
+        .await;
+        let exit = match finished {
+            Ok(status) => {
+                // Reaped (or waiting failed): the group id may be reused from here on.
+                guard.disarm();
+                let status = status.map_err(io_err)?;
+                match (status.code(), status.signal()) {
                     (Some(c), _) => Exit::Code(c),
                     (None, Some(s)) => Exit::Signal(s),
                     (None, None) => Exit::Signal(0),
-                };
-                Ok(Outcome {
-                    exit,
-                    stdout,
-                    stderr,
-                    stdout_truncated,
-                    stderr_truncated,
-                    duration: started.elapsed(),
-                })
-            }
-            Err(_) => {
-                if let Some(pgid) = pgid {
-                    kill_group(pgid).await;
                 }
-                Ok(Outcome {
-                    exit: Exit::TimedOut,
-                    stdout: Vec::new(),
-                    stderr: Vec::new(),
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                    duration: started.elapsed(),
-                })
             }
+            Err(_elapsed) => {
+                // SIGTERM first so that a tool can clean up (pgBackRest releases its
+                // locks); the output keeps flowing in meanwhile, so nothing blocks on a
+                // full pipe and what it says last is kept.
+                signal_group(pgid, Signal::SIGTERM);
+                let _ = tokio::time::timeout(self.kill_grace, async {
+                    tokio::join!(out.drain(), err.drain());
+                    leader_exited(pgid).await;
+                })
+                .await;
+                // Also when everything seems gone: members that closed both pipes may be
+                // left, and the unreaped leader still pins the group id.
+                signal_group(pgid, Signal::SIGKILL);
+                let reaped = tokio::time::timeout(REAP_WAIT, async {
+                    tokio::join!(out.drain(), err.drain());
+                    child.wait().await
+                })
+                .await;
+                if reaped.is_ok() {
+                    guard.disarm();
+                }
+                Exit::TimedOut
+            }
+        };
+        let duration = started.elapsed();
+        if let Some(e) = out.error.take().or_else(|| err.error.take()) {
+            return Err(io_err(e));
+        }
+        Ok(Outcome {
+            exit,
+            stdout: out.kept,
+            stderr: err.kept,
+            stdout_truncated: out.truncated,
+            stderr_truncated: err.truncated,
+            duration,
+        })
+    }
+}
+
+/// SIGKILLs a process group when dropped armed: a [`Runner::run`] future dropped mid-way
+/// (the scheduler's timeout) must not leave the program's grandchildren running, and
+/// tokio's `kill_on_drop` reaches the direct child only.
+struct GroupGuard {
+    /// The group; `None` once disarmed. Disarmed as soon as the leader is reaped, after
+    /// which the number may name another group.
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            signal_group(pgid, Signal::SIGKILL);
         }
     }
 }
 
-/// SIGTERM to the group, then SIGKILL after [`KILL_GRACE`] if any member is left.
-async fn kill_group(pgid: i32) {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    let pg = Pid::from_raw(pgid);
-    // ESRCH (the group is already gone) is the outcome we want.
-    let _ = killpg(pg, Signal::SIGTERM);
-    let deadline = Instant::now() + KILL_GRACE;
-    while Instant::now() < deadline {
-        // Signal 0 probes whether any member of the group is left.
-        if killpg(pg, None).is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = killpg(pg, Signal::SIGKILL);
+/// Sends `sig` to the group.
+fn signal_group(pgid: Pid, sig: Signal) {
+    // ESRCH (the group is already gone) is the outcome we want; EPERM cannot happen for a
+    // group we started (as ourselves, or as another user while we are root).
+    let _ = killpg(pgid, sig);
 }
 
-/// Reads `r` to its end, keeping at most `max` bytes; returns them and whether more came.
-async fn read_capped<R: AsyncRead + Unpin>(
-    mut r: R,
-    max: usize,
-) -> std::io::Result<(Vec<u8>, bool)> {
-    let mut kept = Vec::with_capacity(max.min(8192));
-    let mut buf = vec![0u8; 8192];
-    let mut truncated = false;
+/// Returns once the group's leader has exited, without reaping it (`WNOWAIT`), so the
+/// group id stays pinned until the caller's SIGKILL.
+async fn leader_exited(pid: Pid) {
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok((kept, truncated));
+        match waitid(
+            Id::Pid(pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::StillAlive) => tokio::time::sleep(EXIT_POLL).await,
+            // Exited, or not our child any more: nothing left to wait for.
+            _ => return,
         }
-        let room = max.saturating_sub(kept.len());
-        kept.extend_from_slice(&buf[..n.min(room)]);
-        truncated |= n > room;
+    }
+}
+
+/// One of the program's output streams, read to its end and kept up to a cap.
+struct Capture<R> {
+    /// `None` once at end of file (or after a read error).
+    reader: Option<R>,
+    kept: Vec<u8>,
+    truncated: bool,
+    max: usize,
+    /// The first read error; reading stops there (closing the pipe, so the writer gets
+    /// EPIPE rather than blocking).
+    error: Option<io::Error>,
+}
+
+impl<R: AsyncRead + Unpin> Capture<R> {
+    fn new(reader: Option<R>, max: usize) -> Self {
+        Capture {
+            reader,
+            kept: Vec::new(),
+            truncated: false,
+            max,
+            error: None,
+        }
+    }
+
+    /// Reads until end of file. Cancel-safe: a read that has not completed has consumed
+    /// nothing, and everything read so far is in `kept`, so it can be called again.
+    async fn drain(&mut self) {
+        let Some(reader) = self.reader.as_mut() else {
+            return;
+        };
+        let mut buf = vec![0u8; READ_CHUNK];
+        let end = loop {
+            match reader.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(n) => {
+                    let room = self.max.saturating_sub(self.kept.len());
+                    self.kept.extend_from_slice(&buf[..n.min(room)]);
+                    self.truncated |= n > room;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        self.error = self.error.take().or(end);
+        self.reader = None;
     }
 }
 
@@ -279,16 +438,94 @@ fn resolve_user(user: &str) -> Result<Option<(u32, u32)>, RunError> {
         reason,
     };
     let u = nix::unistd::User::from_name(user)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(format!("looking up the user: {e}")))?
         .ok_or_else(|| err("no such user".into()))?;
-    let me = nix::unistd::geteuid();
-    if u.uid == me {
-        return Ok(None);
+    if switch_needed(u.uid, nix::unistd::geteuid()).map_err(err)? {
+        Ok(Some((u.uid.as_raw(), u.gid.as_raw())))
+    } else {
+        Ok(None)
     }
-    if !me.is_root() {
-        return Err(err(format!(
-            "the agent runs as uid {me} and cannot switch users without root or the vigil runner"
-        )));
+}
+
+/// Whether a process running as `me` must (and can) switch to `target`: `Ok(false)` when
+/// it already is `target`, `Ok(true)` when it must and is root, `Err(reason)` otherwise.
+fn switch_needed(target: Uid, me: Uid) -> Result<bool, String> {
+    if target == me {
+        Ok(false)
+    } else if me.is_root() {
+        Ok(true)
+    } else {
+        Err(format!(
+            "the agent runs as uid {me} and cannot switch to uid {target} without root or \
+             the vigil runner"
+        ))
     }
-    Ok(Some((u.uid.as_raw(), u.gid.as_raw())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switching_users_needs_root_unless_it_is_the_same_user() {
+        let (root, me, other) = (Uid::from_raw(0), Uid::from_raw(1000), Uid::from_raw(1001));
+        assert_eq!(switch_needed(me, me), Ok(false));
+        assert_eq!(switch_needed(other, root), Ok(true));
+        assert_eq!(switch_needed(root, root), Ok(false));
+        let e = switch_needed(other, me).unwrap_err();
+        assert!(e.contains("uid 1000") && e.contains("uid 1001"), "{e}");
+        assert!(switch_needed(root, me).is_err());
+    }
+
+    #[test]
+    fn an_unknown_user_is_a_user_error() {
+        match Runner::in_process().can_run_as("vigil-no-such-user-x") {
+            Err(RunError::User { user, reason }) => {
+                assert_eq!(user, "vigil-no-such-user-x");
+                assert_eq!(reason, "no such user");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_error_line_prefers_stderr_and_cuts_long_lines() {
+        let o = Outcome {
+            exit: Exit::Code(1),
+            stdout: b"out line\n".to_vec(),
+            stderr: b"\n  \nERROR: [055]: unable to open missing file\nmore\n".to_vec(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            duration: Duration::ZERO,
+        };
+        assert_eq!(
+            o.first_error_line(200),
+            "ERROR: [055]: unable to open missing file"
+        );
+        assert_eq!(o.first_error_line(5), "ERROR…");
+        let quiet = Outcome {
+            stderr: Vec::new(),
+            ..o
+        };
+        assert_eq!(quiet.first_error_line(200), "out line");
+        assert!(!quiet.success());
+    }
+
+    #[test]
+    fn outcome_round_trips_through_json() {
+        let o = Outcome {
+            exit: Exit::TimedOut,
+            stdout: vec![1, 2],
+            stderr: Vec::new(),
+            stdout_truncated: true,
+            stderr_truncated: false,
+            duration: Duration::from_millis(5),
+        };
+        let back: Outcome = serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+        assert_eq!(back, o);
+        let r = Request::new(["a", "b"], Duration::from_secs(1));
+        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(r.max_output, DEFAULT_MAX_OUTPUT);
+    }
 }

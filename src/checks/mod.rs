@@ -235,6 +235,9 @@ pub enum CheckError {
     /// Data was read but could not be understood.
     #[error("{0}")]
     Parse(String),
+    /// An external tool ran but failed, or said something that is not an answer.
+    #[error("{0}")]
+    Tool(String),
     /// A previous call is still blocked in the kernel and is not re-issued.
     #[error("{0}")]
     Stuck(String),

@@ -344,6 +344,11 @@ impl Config {
         for c in self.check.disk.values_mut() {
             resolve(base, &mut c.path);
         }
+        for c in self.check.backup.pgbackrest.values_mut() {
+            if let Some(p) = c.config.as_mut() {
+                resolve(base, p);
+            }
+        }
         for c in self.check.process.values_mut() {
             if let Some(p) = c.pidfile.as_mut() {
                 resolve(base, p);

@@ -8,6 +8,8 @@
 mod admin;
 /// The real `vigil agent` over HTTP: every endpoint, status codes, JSON, promtool.
 mod api;
+/// backup.files on real files; backup.walg and backup.barman through their CLIs.
+mod backup_files;
 /// Command line: exit codes, `vigil check`, `status`, `lifecycle`, config errors.
 mod cli;
 /// Config files: the shipped ones load; bad ones fail with file, key and line.
@@ -16,6 +18,8 @@ mod config;
 mod disk;
 /// HAProxy's httpchk against /replica?lag= takes a lagging standby out and back.
 mod haproxy;
+/// backup.pgbackrest against real pgBackRest backups of a real PostgreSQL.
+mod pgbackrest;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
 mod pgcluster;
 /// postgres.* checks and the routing endpoints against a real primary and standby.
@@ -24,4 +28,6 @@ mod postgres;
 mod process;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
 mod reload;
+/// The program runner: process groups, timeouts, bounded output, cleared environment.
+mod runner;
 mod util;
