@@ -301,7 +301,7 @@ fn real_backups_drive_the_age_and_the_status() {
         .find_map(|l| l.strip_prefix("vigil_backup_backups{check=\"full\"} "))
         .unwrap();
     assert_eq!(count, "1");
-    assert_promtool_accepts(&text);
+    crate::util::assert_promtool_accepts(&text);
     drop(agent);
 
     // The repository removed: pgBackRest says so, and the check is critical (or unknown)
@@ -314,31 +314,6 @@ fn real_backups_drive_the_age_and_the_status() {
     assert!(message(any).contains("missing stanza path"), "{any}");
     eprintln!("pgbackrest scenario took {:?}", started.elapsed());
     drop(c);
-}
-
-/// `promtool check metrics` accepts `text` (promtool comes with `.ci/deps`).
-fn assert_promtool_accepts(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (install it: .ci/deps)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool rejects /metrics:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A fixture script standing in for pgBackRest (it ignores the arguments it is given).

@@ -247,34 +247,6 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Runs `promtool check metrics` on `text`, asserting it passes without a complaint.
-fn assert_promtool_accepts(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package `prometheus`) must be installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && complaints.trim().is_empty(),
-        "promtool check metrics ({}):\n{complaints}",
-        out.status
-    );
-}
-
 /// A `psql` session on `port` that stays connected while its stdin is open; killed on drop.
 /// psql is only a client, so it runs as whatever user the tests run as.
 struct Session {
@@ -413,7 +385,7 @@ fn healthy_pair_every_kind_ok_and_routing_follows_the_role() {
                 "{host}: vigil_check_success for {name}"
             );
         }
-        assert_promtool_accepts(&text);
+        crate::util::assert_promtool_accepts(&text);
     }
     // Role and per-standby series: the primary labels them by the standby's
     // application_name.
@@ -663,7 +635,7 @@ fn inactive_slot_retaining_wal_trips_slots_and_is_named() {
         Some(1.0),
         "{text}"
     );
-    assert_promtool_accepts(&text);
+    crate::util::assert_promtool_accepts(&text);
 }
 
 /// A failing `archive_command` trips `postgres.archiving` (issue 3): a failure newer than

@@ -221,3 +221,32 @@ pub fn unix_http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// `promtool check metrics` accepts `text` without a single complaint (promtool comes from
+/// Debian's `prometheus` package, which `.ci/deps` installs).
+pub fn assert_promtool_accepts(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`; run .ci/deps)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics ({}):\n{complaints}",
+        out.status
+    );
+}
