@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod durable;
 pub mod exit;
+pub mod heartbeat;
 pub mod http;
 pub mod lifecycle;
 pub mod pg;

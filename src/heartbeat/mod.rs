@@ -1,0 +1,14 @@
+//! Signed heartbeats to the control plane (being built in steps):
+//! - [`keys`]: the Ed25519 signing key on disk (0600) and its key id;
+//! - [`sign`]: RFC 9421 HTTP Message Signatures and RFC 9530 `Content-Digest`;
+//! - [`document`]: the heartbeat body and the host's identity;
+//! - [`seq`]: the sequence counter that never reuses a value, across crashes;
+//! - [`spool`]: the durable queue of heartbeats not yet delivered.
+//!
+//! The delivery loop (transport, backoff, drain) ties them together in a later step.
+
+pub mod document;
+pub mod keys;
+pub mod seq;
+pub mod sign;
+pub mod spool;
