@@ -76,6 +76,15 @@ pub enum Command {
         #[command(subcommand)]
         command: LifecycleCommand,
     },
+    /// Create the Ed25519 heartbeat signing key (mode 0600) and print its public key and id.
+    Keygen {
+        /// Where to write the key (PKCS#8 PEM); an existing file is never replaced.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Keep an existing key and print its lines instead of failing.
+        #[arg(long)]
+        if_missing: bool,
+    },
 }
 
 /// `vigil config …`

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             json,
         } => status(config.config.as_deref(), target, json),
         Command::Lifecycle { command } => lifecycle(command),
+        Command::Keygen { out, if_missing } => keygen(&out, if_missing),
     })
 }
 
@@ -177,6 +178,21 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
         .map(|c| c.status.nagios_code())
         .max()
         .unwrap_or(Status::Ok.nagios_code())
+}
+
+/// `vigil keygen`: the two lines `vigil control enroll` and a config need, or one error line.
+fn keygen(out: &Path, if_missing: bool) -> u8 {
+    match vigil::heartbeat::keys::generate(out, if_missing) {
+        Ok(info) => {
+            println!("public_key = \"{}\"", info.public_key_b64);
+            println!("key_id = \"{}\"", info.key_id);
+            exit::OK
+        }
+        Err(e) => {
+            fail(e);
+            exit::FAILURE
+        }
+    }
 }
 
 fn resolve_target(

@@ -30,4 +30,8 @@ mod process;
 mod reload;
 /// The program runner: process groups, timeouts, bounded output, cleared environment.
 mod runner;
+/// Heartbeat keys (`vigil keygen`) and RFC 9421 signatures checked by another implementation.
+mod signing;
+/// The heartbeat spool: crash recovery, corruption, overflow.
+mod spool;
 mod util;
