@@ -18,7 +18,7 @@
 //!   always fit a line, so one noisy sample must not page anyone.
 //!
 //! This file also holds the small helpers the `process` and `system` kinds share:
-//! `InFlight`, `format_bytes` and `thresholds_or_defaults`.
+//! `InFlight` and `format_bytes`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use nix::sys::statvfs::{FsFlags, statvfs};
 use tokio::time::Instant;
 
 use super::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
+use crate::checks::KindConfig;
 use crate::config::types::{Duration, Ratio};
 
 /// Used-ratio warning default, applied when neither `warn` nor `crit` is given.
@@ -85,12 +86,7 @@ pub struct DiskCheck {
 impl DiskCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &DiskConfig, _common: &super::Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|r| r.0),
-            c.crit.map(|r| r.0),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         DiskCheck {
             path: c.path.clone(),
             policy: DiskPolicy {
@@ -411,20 +407,6 @@ pub fn format_approx_duration(secs: f64) -> String {
 
 // ---- Helpers shared with the `process` and `system` kinds ----------------------------
 
-/// `warn`/`crit` as written, or the kind's defaults when both are omitted. Giving only one
-/// leaves the other unset (it never trips) rather than silently mixing in a default.
-pub(crate) fn thresholds_or_defaults(
-    warn: Option<f64>,
-    crit: Option<f64>,
-    default_warn: f64,
-    default_crit: f64,
-) -> (Option<f64>, Option<f64>) {
-    match (warn, crit) {
-        (None, None) => (Some(default_warn), Some(default_crit)),
-        given => given,
-    }
-}
-
 /// Renders a byte count with binary units: `512 B`, `88.0 MiB`, `1.2 GiB`.
 pub(crate) fn format_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -741,11 +723,11 @@ mod tests {
         assert_eq!(format_approx_duration(3.0 * 3600.0), "~3h");
         assert_eq!(format_approx_duration(5.0 * 86400.0), "~5d");
         assert_eq!(
-            thresholds_or_defaults(None, None, 0.8, 0.9),
+            crate::checks::threshold::or_defaults(None, None, 0.8, 0.9),
             (Some(0.8), Some(0.9))
         );
         assert_eq!(
-            thresholds_or_defaults(Some(0.5), None, 0.8, 0.9),
+            crate::checks::threshold::or_defaults(Some(0.5), None, 0.8, 0.9),
             (Some(0.5), None)
         );
     }

@@ -345,6 +345,18 @@ pub trait KindConfig {
     fn raw_thresholds(&self) -> (Option<Self::Threshold>, Option<Self::Threshold>);
     /// `trip_after` and `clear_after` as written.
     fn raw_hysteresis(&self) -> (Option<u32>, Option<u32>);
+
+    /// `warn` and `crit` in the kind's base unit, or the kind's defaults when both are
+    /// omitted (when only one is given, the other stays unset and never trips).
+    fn thresholds_or(&self, default_warn: f64, default_crit: f64) -> (Option<f64>, Option<f64>) {
+        let (w, c) = self.raw_thresholds();
+        threshold::or_defaults(
+            w.map(ThresholdValue::base),
+            c.map(ThresholdValue::base),
+            default_warn,
+            default_crit,
+        )
+    }
 }
 
 /// Resolves the common keys; shared by every kind's generated `common()`.

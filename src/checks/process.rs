@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{SysconfVar, sysconf};
 
-use super::disk::{InFlight, format_bytes, thresholds_or_defaults};
+use super::disk::{InFlight, format_bytes};
 use super::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
 use crate::config::types::{Number, Ratio};
 
@@ -136,7 +136,7 @@ impl ProcessCheck {
             // validate() accepted it, so exactly one of name and pidfile is set.
             _ => Target::Invalid("one of `name` or `pidfile` is required".into()),
         };
-        let (fd_warn, fd_crit) = thresholds_or_defaults(
+        let (fd_warn, fd_crit) = crate::checks::threshold::or_defaults(
             c.fd_warn.map(|r| r.0),
             c.fd_crit.map(|r| r.0),
             DEFAULT_FD_WARN,

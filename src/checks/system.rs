@@ -21,8 +21,9 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use super::disk::{format_bytes, thresholds_or_defaults};
+use super::disk::format_bytes;
 use super::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
+use crate::checks::KindConfig;
 use crate::config::types::{Number, Ratio};
 
 /// Load-per-core warning default, applied when neither `warn` nor `crit` is given.
@@ -94,13 +95,8 @@ pub struct SystemCheck {
 impl SystemCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &SystemConfig, _common: &super::Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|n| n.0),
-            c.crit.map(|n| n.0),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
-        let (mem_warn, mem_crit) = thresholds_or_defaults(
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
+        let (mem_warn, mem_crit) = crate::checks::threshold::or_defaults(
             c.mem_warn.map(|r| r.0),
             c.mem_crit.map(|r| r.0),
             DEFAULT_MEM_WARN,

@@ -74,6 +74,20 @@ impl Thresholds {
     }
 }
 
+/// `warn`/`crit` as written, or the kind's defaults when both are omitted; when only one is
+/// given, the other stays unset and never trips.
+pub(crate) fn or_defaults(
+    warn: Option<f64>,
+    crit: Option<f64>,
+    default_warn: f64,
+    default_crit: f64,
+) -> (Option<f64>, Option<f64>) {
+    match (warn, crit) {
+        (None, None) => (Some(default_warn), Some(default_crit)),
+        given => given,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

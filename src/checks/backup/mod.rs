@@ -19,7 +19,7 @@ use std::time::{Duration as StdDuration, SystemTime, UNIX_EPOCH};
 
 use indexmap::IndexMap;
 
-use crate::checks::disk::{format_bytes, thresholds_or_defaults};
+use crate::checks::disk::format_bytes;
 use crate::checks::postgres::format_secs;
 use crate::checks::{CheckError, Metric, Observation, Status, Thresholds};
 use crate::config::types::Duration;
@@ -45,7 +45,7 @@ pub const ERROR_LINE_MAX: usize = 300;
 /// `warn`/`crit` as written, or 26h / 48h when both are omitted (one given alone leaves
 /// the other unset, as for every kind).
 pub fn age_thresholds(warn: Option<Duration>, crit: Option<Duration>) -> Thresholds {
-    let (w, c) = thresholds_or_defaults(
+    let (w, c) = crate::checks::threshold::or_defaults(
         warn.map(|d| d.get().as_secs_f64()),
         crit.map(|d| d.get().as_secs_f64()),
         DEFAULT_WARN_SECS,

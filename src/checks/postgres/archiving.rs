@@ -18,7 +18,7 @@
 
 use super::{PgTarget, format_secs, one_row, parse_err, validate_dsn};
 use crate::checks::Common;
-use crate::checks::disk::thresholds_or_defaults;
+use crate::checks::KindConfig;
 use crate::checks::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
 use crate::config::types::Duration;
 use crate::pg::{Dsn, TextRow};
@@ -66,12 +66,7 @@ pub struct ArchivingCheck {
 impl ArchivingCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &ArchivingConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|d| d.get().as_secs_f64()),
-            c.crit.map(|d| d.get().as_secs_f64()),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         ArchivingCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             thresholds: Thresholds::higher(warn, crit),

@@ -12,7 +12,7 @@
 
 use super::{PgTarget, one_row, parse_err, validate_dsn};
 use crate::checks::Common;
-use crate::checks::disk::thresholds_or_defaults;
+use crate::checks::KindConfig;
 use crate::checks::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
 use crate::config::types::Ratio;
 use crate::pg::{Dsn, TextRow};
@@ -54,12 +54,7 @@ pub struct ConnectionsCheck {
 impl ConnectionsCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &ConnectionsConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|r| r.0),
-            c.crit.map(|r| r.0),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         ConnectionsCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             thresholds: Thresholds::higher(warn, crit),

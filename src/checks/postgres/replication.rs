@@ -27,7 +27,8 @@
 
 use super::{MAX_LABELLED, PgTarget, format_secs, one_row, parse_err, unique_labels, validate_dsn};
 use crate::checks::Common;
-use crate::checks::disk::{format_bytes, thresholds_or_defaults};
+use crate::checks::KindConfig;
+use crate::checks::disk::format_bytes;
 use crate::checks::{
     Check, CheckContext, CheckError, Metric, Observation, ReplicationFacts, Role, Status,
     Thresholds,
@@ -124,12 +125,7 @@ pub struct ReplicationCheck {
 impl ReplicationCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &ReplicationConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|b| b.0 as f64),
-            c.crit.map(|b| b.0 as f64),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         ReplicationCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             policy: ReplicationPolicy {

@@ -12,7 +12,8 @@
 
 use super::{MAX_LABELLED, PgTarget, parse_err, validate_dsn};
 use crate::checks::Common;
-use crate::checks::disk::{format_bytes, thresholds_or_defaults};
+use crate::checks::KindConfig;
+use crate::checks::disk::format_bytes;
 use crate::checks::{Check, CheckContext, CheckError, Metric, Observation, Status, Thresholds};
 use crate::config::types::ByteSize;
 use crate::pg::{Dsn, TextRow};
@@ -54,12 +55,7 @@ pub struct SlotsCheck {
 impl SlotsCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &SlotsConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|b| b.0 as f64),
-            c.crit.map(|b| b.0 as f64),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         SlotsCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             thresholds: Thresholds::higher(warn, crit),

@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use super::{PgTarget, format_secs, one_row, parse_err, validate_dsn};
 use crate::checks::Common;
+use crate::checks::KindConfig;
 use crate::checks::{
     Check, CheckContext, CheckError, Metric, Observation, Role, Status, Thresholds,
-    disk::thresholds_or_defaults,
 };
 use crate::config::types::Duration;
 use crate::pg::{Dsn, PgError};
@@ -56,12 +56,7 @@ pub struct UpCheck {
 impl UpCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &UpConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|d| d.get().as_secs_f64()),
-            c.crit.map(|d| d.get().as_secs_f64()),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         UpCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             thresholds: Thresholds::higher(warn, crit),

@@ -11,7 +11,7 @@
 
 use super::{PgTarget, one_row, parse_err, validate_dsn};
 use crate::checks::Common;
-use crate::checks::disk::thresholds_or_defaults;
+use crate::checks::KindConfig;
 use crate::checks::{Check, CheckContext, CheckError, Metric, Observation, Thresholds};
 use crate::config::types::Ratio;
 use crate::pg::{Dsn, TextRow};
@@ -55,12 +55,7 @@ pub struct WraparoundCheck {
 impl WraparoundCheck {
     /// Builds the check, applying the defaults.
     pub fn from_config(c: &WraparoundConfig, common: &Common) -> Self {
-        let (warn, crit) = thresholds_or_defaults(
-            c.warn.map(|r| r.0),
-            c.crit.map(|r| r.0),
-            DEFAULT_WARN,
-            DEFAULT_CRIT,
-        );
+        let (warn, crit) = KindConfig::thresholds_or(c, DEFAULT_WARN, DEFAULT_CRIT);
         WraparoundCheck {
             target: PgTarget::new(&c.dsn, common.timeout),
             thresholds: Thresholds::higher(warn, crit),
