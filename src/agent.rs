@@ -144,6 +144,10 @@ pub async fn run(
     for w in config.secret_warnings(&config_path) {
         warn!("{w}");
     }
+    if config.heartbeat.is_some() {
+        // TODO(#5): the delivery loop; until then say plainly that nothing is sent.
+        warn!("[heartbeat] is validated but this build does not send heartbeats yet");
+    }
     open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 

@@ -21,7 +21,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use error::{ConfigError, Problem};
-use types::Duration;
+use types::{ByteSize, Duration};
 
 use crate::checks::{self, ChecksConfig, Thresholds};
 use crate::lifecycle::Lifecycle;
@@ -51,6 +51,9 @@ pub struct Config {
     /// `[remediation.NAME]`
     #[serde(default)]
     pub remediation: IndexMap<String, RemediationConfig>,
+    /// `[heartbeat]`: absent, the agent sends no heartbeats.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 /// `[agent]`
@@ -251,6 +254,52 @@ fn default_verify_after() -> Duration {
     Duration::from_secs(30)
 }
 
+/// `[heartbeat]`: where and how the agent sends its signed heartbeats.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// The control plane's endpoint: `https://`, or `http://` to a loopback host only.
+    pub url: String,
+    /// Time between two heartbeats.
+    #[serde(default = "default_heartbeat_interval")]
+    pub interval: Duration,
+    /// The Ed25519 signing key. Omitted (or empty): `<state_dir>/heartbeat.key`, filled in
+    /// by [`parse`].
+    #[serde(default)]
+    pub key_file: PathBuf,
+    /// PEM trust anchors for the control plane; omitted: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain for mutual TLS (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for mutual TLS (with `client_cert`).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Most bytes the spool of undelivered heartbeats may hold.
+    #[serde(default = "default_spool_max")]
+    pub spool_max: ByteSize,
+    /// Cap of the retry backoff.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Duration,
+    /// Limit of one send: connect, TLS handshake, request and response.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_spool_max() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// The path of the config to use: `-c`, then `$VIGIL_CONFIG`, then [`DEFAULT_PATH`].
 pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = flag {
@@ -340,6 +389,18 @@ impl Config {
         }
         for r in self.remediation.values_mut() {
             resolve(base, &mut r.script);
+        }
+        if let Some(h) = self.heartbeat.as_mut() {
+            if h.key_file.as_os_str().is_empty() {
+                h.key_file = self.agent.state_dir.join("heartbeat.key");
+            }
+            resolve(base, &mut h.key_file);
+            for p in [&mut h.ca_file, &mut h.client_cert, &mut h.client_key]
+                .into_iter()
+                .flatten()
+            {
+                resolve(base, p);
+            }
         }
         for c in self.check.disk.values_mut() {
             resolve(base, &mut c.path);
@@ -481,6 +542,35 @@ impl Config {
                 add(&key("timeout"), "must be greater than zero".into());
             }
         }
+        if let Some(h) = &self.heartbeat {
+            let key = |leaf: &'static str| ["heartbeat", leaf];
+            if let Err(e) = crate::heartbeat::client::Endpoint::parse(&h.url) {
+                add(&key("url"), e);
+            }
+            for (leaf, d) in [
+                ("interval", h.interval),
+                ("max_backoff", h.max_backoff),
+                ("timeout", h.timeout),
+            ] {
+                if d.get().is_zero() {
+                    add(&key(leaf), "must be greater than zero".into());
+                }
+            }
+            if h.spool_max.0 == 0 {
+                add(&key("spool_max"), "must be greater than zero".into());
+            }
+            match (&h.client_cert, &h.client_key) {
+                (Some(_), None) => add(
+                    &key("client_cert"),
+                    "needs client_key too (mutual TLS takes both or neither)".into(),
+                ),
+                (None, Some(_)) => add(
+                    &key("client_key"),
+                    "needs client_cert too (mutual TLS takes both or neither)".into(),
+                ),
+                _ => {}
+            }
+        }
         problems.sort_by_key(|p| (p.line, p.column));
         problems
     }
@@ -550,5 +640,105 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.agent.state_dir, PathBuf::from("/etc/lib/x"));
+    }
+
+    fn heartbeat_problems(table: &str) -> Vec<String> {
+        let doc = format!("[heartbeat]\n{table}");
+        match parse(Path::new("/etc/vigil/vigil.toml"), &doc) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn heartbeat_defaults_and_paths() {
+        let cfg = parse(
+            Path::new("/etc/vigil/vigil.toml"),
+            "[agent]\nstate_dir = \"/srv/state\"\n[heartbeat]\nurl = \"https://c.example/hb\"\n",
+        )
+        .unwrap();
+        let h = cfg.heartbeat.unwrap();
+        assert_eq!(h.interval, Duration::from_secs(15));
+        assert_eq!(h.key_file, PathBuf::from("/srv/state/heartbeat.key"));
+        assert_eq!(h.ca_file, None);
+        assert_eq!(h.spool_max, ByteSize(64 * 1024 * 1024));
+        assert_eq!(h.max_backoff, Duration::from_secs(120));
+        assert_eq!(h.timeout, Duration::from_secs(10));
+
+        let cfg = parse(
+            Path::new("/etc/vigil/vigil.toml"),
+            "[heartbeat]\nurl = \"https://c.example/hb\"\nkey_file = \"keys/hb.key\"\n\
+             ca_file = \"ca.pem\"\nclient_cert = \"../tls/c.pem\"\nclient_key = \"/k/c.key\"\n",
+        )
+        .unwrap();
+        let h = cfg.heartbeat.unwrap();
+        assert_eq!(h.key_file, PathBuf::from("/etc/vigil/keys/hb.key"));
+        assert_eq!(h.ca_file, Some(PathBuf::from("/etc/vigil/ca.pem")));
+        assert_eq!(h.client_cert, Some(PathBuf::from("/etc/tls/c.pem")));
+        assert_eq!(h.client_key, Some(PathBuf::from("/k/c.key")));
+        assert!(parse(Path::new("x.toml"), "").unwrap().heartbeat.is_none());
+    }
+
+    #[test]
+    fn heartbeat_url_must_be_https_or_loopback_http() {
+        assert!(heartbeat_problems("url = \"https://c.example:8443/v1/heartbeats\"\n").is_empty());
+        for ok in [
+            "http://127.0.0.1:8080/hb",
+            "http://localhost/hb",
+            "http://[::1]:9/hb",
+        ] {
+            assert!(
+                heartbeat_problems(&format!("url = \"{ok}\"\n")).is_empty(),
+                "{ok}"
+            );
+        }
+        let p = heartbeat_problems("url = \"http://control.internal/hb\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("heartbeat.url: plain http://"), "{p:?}");
+        let p = heartbeat_problems("url = \"ftp://c.example/hb\"\n");
+        assert!(p[0].starts_with("heartbeat.url: invalid URL"), "{p:?}");
+    }
+
+    #[test]
+    fn heartbeat_url_is_required_and_unknown_keys_are_refused() {
+        let p = heartbeat_problems("interval = \"5s\"\n");
+        assert!(p[0].contains("missing field `url`"), "{p:?}");
+        let p = heartbeat_problems("url = \"https://c.example/hb\"\nca = \"x\"\n");
+        assert!(p[0].contains("unknown field `ca`"), "{p:?}");
+    }
+
+    #[test]
+    fn heartbeat_durations_and_spool_max_must_be_positive() {
+        let p = heartbeat_problems(
+            "url = \"https://c.example/hb\"\ninterval = \"0s\"\nspool_max = \"0B\"\n\
+             max_backoff = \"0s\"\ntimeout = \"0s\"\n",
+        );
+        assert_eq!(
+            p,
+            [
+                "heartbeat.interval: must be greater than zero",
+                "heartbeat.spool_max: must be greater than zero",
+                "heartbeat.max_backoff: must be greater than zero",
+                "heartbeat.timeout: must be greater than zero",
+            ]
+        );
+    }
+
+    #[test]
+    fn heartbeat_client_cert_and_key_go_together() {
+        let p = heartbeat_problems("url = \"https://c.example/hb\"\nclient_cert = \"c.pem\"\n");
+        assert_eq!(
+            p,
+            ["heartbeat.client_cert: needs client_key too (mutual TLS takes both or neither)"]
+        );
+        let p = heartbeat_problems("url = \"https://c.example/hb\"\nclient_key = \"c.key\"\n");
+        assert_eq!(
+            p,
+            ["heartbeat.client_key: needs client_cert too (mutual TLS takes both or neither)"]
+        );
     }
 }

@@ -3,10 +3,12 @@
 //! - [`sign`]: RFC 9421 HTTP Message Signatures and RFC 9530 `Content-Digest`;
 //! - [`document`]: the heartbeat body and the host's identity;
 //! - [`seq`]: the sequence counter that never reuses a value, across crashes;
-//! - [`spool`]: the durable queue of heartbeats not yet delivered.
+//! - [`spool`]: the durable queue of heartbeats not yet delivered;
+//! - [`client`]: the transport, one signed POST over rustls (or loopback HTTP).
 //!
 //! The delivery loop (transport, backoff, drain) ties them together in a later step.
 
+pub mod client;
 pub mod document;
 pub mod keys;
 pub mod seq;

@@ -33,7 +33,7 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
     (
         "bad-unknown-top-level-key",
         &[
-            r#"vigil: {file}:2:2: agnet: unknown field `agnet`, expected one of `agent`, `api`, `log`, `automation`, `check`, `remediation`"#,
+            r#"vigil: {file}:2:2: agnet: unknown field `agnet`, expected one of `agent`, `api`, `log`, `automation`, `check`, `remediation`, `heartbeat`"#,
         ],
     ),
     (
@@ -130,6 +130,12 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
             r#"vigil: {file}:3:9: api.allow: invalid network "10.0.0.0/33": expected an address or CIDR such as "10.0.0.0/8""#,
         ],
     ),
+    (
+        "bad-heartbeat-http",
+        &[
+            r#"vigil: {file}:3:1: heartbeat.url: plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1 or localhost), not "control.internal": use https://"#,
+        ],
+    ),
 ];
 
 /// The key path each message must name (the syntax error has its own test below).
@@ -151,6 +157,7 @@ const KEYS: &[(&str, &str)] = &[
     ("bad-trip-after-zero", "check.disk.root.trip_after"),
     ("bad-missing-path", "check.disk.root"),
     ("bad-allow-network", "api.allow"),
+    ("bad-heartbeat-http", "heartbeat.url"),
 ];
 
 fn rendered(out: &Output, file: &Path) -> Vec<String> {
