@@ -3,7 +3,8 @@
 //!
 //! Startup order: state directory, persisted lifecycle, TCP listener, admin socket (all
 //! failures here end the agent with a clear error), then the check tasks, the servers,
-//! and READY=1 once the first round of checks has run. SIGHUP reloads the config: an
+//! the heartbeat task, and READY=1 once the first round of checks has run. SIGTERM stops
+//! the checks, sends a last heartbeat (bounded), then exits. SIGHUP reloads the config: an
 //! invalid file is refused and shown in `/health` while the old config keeps running.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -19,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::checks::CheckContext;
 use crate::config::{self, Config};
+use crate::heartbeat::delivery;
 use crate::http::{self, ApiState};
 use crate::lifecycle;
 use crate::scheduler::Scheduler;
@@ -144,10 +146,6 @@ pub async fn run(
     for w in config.secret_warnings(&config_path) {
         warn!("{w}");
     }
-    if config.heartbeat.is_some() {
-        // TODO(#5): the delivery loop; until then say plainly that nothing is sent.
-        warn!("[heartbeat] is validated but this build does not send heartbeats yet");
-    }
     open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 
@@ -178,9 +176,11 @@ pub async fn run(
     );
     scheduler.apply(&config);
 
+    let heartbeat_status = Arc::new(delivery::Status::new(config.heartbeat.is_some()));
     let api = Arc::new(ApiState {
         shared: shared.clone(),
         state_dir: config.agent.state_dir.clone(),
+        heartbeat: heartbeat_status.clone(),
     });
     let servers = tokio_util::task::TaskTracker::new();
     servers.spawn(http::serve_tcp(
@@ -198,6 +198,10 @@ pub async fn run(
     ));
     servers.close();
     info!(listen = %config.api.listen, admin_socket = %config.api.admin_socket.display(), checks = shared.load().checks.len(), "agent started");
+    let mut heartbeat = delivery::Handle::start(&config, shared.clone(), heartbeat_status.clone());
+    if heartbeat.is_none() {
+        info!("no [heartbeat] configured: no heartbeats are sent");
+    }
 
     let first_round = scheduler.first_round();
     tokio::pin!(first_round);
@@ -217,6 +221,17 @@ pub async fn run(
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 reload(&config_path, &mut config, &mut scheduler, &shared, level.as_ref());
+                let restart = heartbeat
+                    .as_ref()
+                    .map_or(config.heartbeat.is_some(), |h| h.differs(&config));
+                if restart {
+                    if let Some(h) = heartbeat.take() {
+                        h.stop(false).await;
+                    }
+                    heartbeat_status.set_enabled(config.heartbeat.is_some());
+                    heartbeat = delivery::Handle::start(&config, shared.clone(), heartbeat_status.clone());
+                    info!(enabled = heartbeat.is_some(), "heartbeat settings changed; delivery restarted");
+                }
                 let s = summary(&shared.load());
                 systemd::reloaded(&s);
                 last_status = s;
@@ -247,6 +262,9 @@ pub async fn run(
     systemd::stopping();
     shutdown.cancel();
     scheduler.stop().await;
+    if let Some(h) = heartbeat.take() {
+        h.stop(true).await;
+    }
     servers.wait().await;
     if let Err(e) = std::fs::remove_file(&config.api.admin_socket) {
         warn!(error = %e, "removing the admin socket");

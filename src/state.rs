@@ -248,6 +248,8 @@ pub struct Shared {
     current: ArcSwap<Snapshot>,
     /// Serializes writers so that no update is lost; readers never take it.
     write: Mutex<()>,
+    /// Bumped after every publish, so a task can wait for a change instead of polling.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -256,7 +258,13 @@ impl Shared {
         Shared {
             current: ArcSwap::from_pointee(initial),
             write: Mutex::new(()),
+            version: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that wakes after each publish (the value is a publish counter).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// The current snapshot (lock-free).
@@ -272,6 +280,7 @@ impl Shared {
         let mut next = Snapshot::clone(&self.current.load());
         let r = f(&mut next);
         self.current.store(Arc::new(next));
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
         r
     }
 }

@@ -22,6 +22,7 @@ use std::time::UNIX_EPOCH;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric as PMetric, MetricFamily, MetricType};
 
 use crate::checks::MetricKind;
+use crate::heartbeat::delivery::{DROP_REASONS, FAILURE_REASONS, StatusView};
 use crate::lifecycle::HostState;
 use crate::state::Snapshot;
 
@@ -93,7 +94,7 @@ impl Families {
 }
 
 /// Renders the snapshot as Prometheus text format 0.0.4.
-pub fn render(snap: &Snapshot) -> String {
+pub fn render(snap: &Snapshot, heartbeat: &StatusView) -> String {
     let mut f = Families::default();
     use MetricKind::{Counter as C, Gauge as G};
 
@@ -198,12 +199,95 @@ pub fn render(snap: &Snapshot) -> String {
         }
     }
 
+    if heartbeat.enabled {
+        heartbeat_families(&mut f, heartbeat);
+    }
+
     let families: Vec<MetricFamily> = f.map.into_values().collect();
     let mut out = String::with_capacity(4096);
     // Every family above has at least one sample and a name, which is all the encoder
     // checks, so this cannot fail; an empty answer would still be valid exposition.
     let _ = prometheus::TextEncoder::new().encode_utf8(&families, &mut out);
     out
+}
+
+/// Heartbeat delivery: present only when `[heartbeat]` is configured. Every reason is
+/// always exported (0 until it happens), so `rate()` and alerts see a series from the start.
+fn heartbeat_families(f: &mut Families, hb: &StatusView) {
+    use MetricKind::{Counter as C, Gauge as G};
+    f.add(
+        "vigil_heartbeats_sent_total",
+        "Heartbeats the control plane accepted (2xx).",
+        C,
+        &[],
+        hb.sent_total as f64,
+    );
+    f.add(
+        "vigil_heartbeats_duplicate_total",
+        "Heartbeats answered 409: already received.",
+        C,
+        &[],
+        hb.duplicate_total as f64,
+    );
+    for reason in FAILURE_REASONS {
+        let n = hb.failures.get(reason).copied().unwrap_or(0);
+        f.add(
+            "vigil_heartbeat_send_failures_total",
+            "Failed heartbeat sends by reason; the heartbeat is kept and retried.",
+            C,
+            &[("reason", reason)],
+            n as f64,
+        );
+    }
+    for reason in DROP_REASONS {
+        let n = hb.dropped.get(reason).copied().unwrap_or(0);
+        f.add(
+            "vigil_heartbeats_dropped_total",
+            "Heartbeats given up by reason (spool full, refused with a 4xx, unreadable).",
+            C,
+            &[("reason", reason)],
+            n as f64,
+        );
+    }
+    let last = hb
+        .last_success
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    f.add(
+        "vigil_heartbeat_last_success_timestamp_seconds",
+        "When the control plane last accepted a heartbeat, in Unix seconds (0: never).",
+        G,
+        &[],
+        last,
+    );
+    f.add(
+        "vigil_heartbeat_spool_records",
+        "Heartbeats waiting in the spool.",
+        G,
+        &[],
+        hb.spooled as f64,
+    );
+    f.add(
+        "vigil_heartbeat_spool_bytes",
+        "Bytes of the spool's segment files.",
+        G,
+        &[],
+        hb.spool_bytes as f64,
+    );
+    f.add(
+        "vigil_heartbeat_rejected",
+        "1 while the control plane answers 401/403: it rejects this host.",
+        G,
+        &[],
+        f64::from(u8::from(hb.rejected)),
+    );
+    f.add(
+        "vigil_heartbeat_seq",
+        "The last heartbeat sequence number made.",
+        G,
+        &[],
+        hb.seq.unwrap_or(0) as f64,
+    );
 }
 
 #[cfg(test)]
@@ -250,7 +334,7 @@ mod tests {
             config_error: None,
             first_round_done: true,
         };
-        let out = render(&snap);
+        let out = render(&snap, &StatusView::default());
         let expected = include_str!("../../tests/fixtures/metrics.golden.txt")
             .replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(out, expected, "\n{out}");

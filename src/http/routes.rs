@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::metrics;
 use super::routing::{self, Want};
 use crate::checks::Status;
+use crate::heartbeat::delivery::{self, StatusView};
 use crate::lifecycle::{self, HostState, Lifecycle, LifecycleError};
 use crate::state::{CheckView, Shared, Snapshot};
 
@@ -38,6 +39,8 @@ pub struct ApiState {
     pub shared: Arc<Shared>,
     /// Where the lifecycle is persisted.
     pub state_dir: PathBuf,
+    /// Heartbeat delivery, for `/health` and `/metrics`.
+    pub heartbeat: Arc<delivery::Status>,
 }
 
 /// The response type of every handler.
@@ -98,14 +101,19 @@ pub fn handle(
         return r;
     }
     let snap = api.shared.load();
-    let mut resp = handle_get(&snap, path, query);
+    let mut resp = handle_get(&snap, &api.heartbeat, path, query);
     if *method != Method::GET {
         *resp.body_mut() = Full::new(Bytes::new());
     }
     resp
 }
 
-fn handle_get(snap: &Snapshot, path: &str, query: Option<&str>) -> Resp {
+fn handle_get(
+    snap: &Snapshot,
+    heartbeat: &delivery::Status,
+    path: &str,
+    query: Option<&str>,
+) -> Resp {
     let now = Instant::now();
     match path {
         "/primary" | "/" | "/master" | "/read-write" => {
@@ -113,7 +121,7 @@ fn handle_get(snap: &Snapshot, path: &str, query: Option<&str>) -> Resp {
         }
         "/replica" => routing::answer(snap, Want::Replica, query, now),
         "/read-only" => routing::answer(snap, Want::ReadOnly, query, now),
-        "/health" => health(snap, now),
+        "/health" => health(snap, &heartbeat.view(), now),
         "/health/live" | "/liveness" => liveness(snap, now),
         "/checks" => {
             let v: Vec<Value> = snap.checks.iter().map(|c| check_json(c)).collect();
@@ -122,7 +130,7 @@ fn handle_get(snap: &Snapshot, path: &str, query: Option<&str>) -> Resp {
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics::render(snap),
+            metrics::render(snap, &heartbeat.view()),
         ),
         p => match p.strip_prefix("/checks/").and_then(|n| snap.check(n)) {
             Some(c) => json_resp(StatusCode::OK, &check_json(c)),
@@ -163,7 +171,7 @@ pub fn check_json(c: &CheckView) -> Value {
 }
 
 /// The `/health` document (also what `vigil status` prints).
-pub fn health_json(snap: &Snapshot, now: Instant) -> Value {
+pub fn health_json(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Value {
     let mut counts = serde_json::Map::new();
     for s in [
         Status::Ok,
@@ -192,13 +200,20 @@ pub fn health_json(snap: &Snapshot, now: Instant) -> Value {
         "tripped": tripped,
         "stale": !snap.stale(now).is_empty(),
         "automation": { "paused": false, "reason": null, "until": null, "escalated": [] },
-        "heartbeat": { "last_success": null, "spooled": 0, "rejected": false },
+        "heartbeat": {
+            "enabled": heartbeat.enabled,
+            "last_success": rfc3339(heartbeat.last_success),
+            "spooled": heartbeat.spooled + heartbeat.pending,
+            "rejected": heartbeat.rejected,
+            "error": heartbeat.error,
+            "seq": heartbeat.seq,
+        },
         "config_error": snap.config_error,
     })
 }
 
-fn health(snap: &Snapshot, now: Instant) -> Resp {
-    let mut v = health_json(snap, now);
+fn health(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Resp {
+    let mut v = health_json(snap, heartbeat, now);
     let stale = snap.stale(now);
     let (code, reason, message) = if !snap.first_round_done {
         (
@@ -371,6 +386,7 @@ mod tests {
             ApiState {
                 shared: Arc::new(Shared::new(snap)),
                 state_dir: dir.path().to_path_buf(),
+                heartbeat: Arc::new(delivery::Status::new(false)),
             },
             dir,
         )
