@@ -123,6 +123,7 @@ fn handle_get(
         "/read-only" => routing::answer(snap, Want::ReadOnly, query, now),
         "/health" => health(snap, &heartbeat.view(), now),
         "/health/live" | "/liveness" => liveness(snap, now),
+        "/heartbeat" => json_resp(StatusCode::OK, &heartbeat_json(&heartbeat.view())),
         "/checks" => {
             let v: Vec<Value> = snap.checks.iter().map(|c| check_json(c)).collect();
             json_resp(StatusCode::OK, &Value::Array(v))
@@ -201,14 +202,28 @@ pub fn health_json(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Val
         "stale": !snap.stale(now).is_empty(),
         "automation": { "paused": false, "reason": null, "until": null, "escalated": [] },
         "heartbeat": {
-            "enabled": heartbeat.enabled,
             "last_success": rfc3339(heartbeat.last_success),
             "spooled": heartbeat.spooled + heartbeat.pending,
             "rejected": heartbeat.rejected,
-            "error": heartbeat.error,
-            "seq": heartbeat.seq,
         },
         "config_error": snap.config_error,
+    })
+}
+
+/// `GET /heartbeat`: delivery in detail (`/health` carries the contract's three keys).
+pub fn heartbeat_json(hb: &StatusView) -> Value {
+    json!({
+        "enabled": hb.enabled,
+        "last_success": rfc3339(hb.last_success),
+        "spooled": hb.spooled + hb.pending,
+        "spool_bytes": hb.spool_bytes,
+        "rejected": hb.rejected,
+        "error": hb.error,
+        "seq": hb.seq,
+        "sent_total": hb.sent_total,
+        "duplicate_total": hb.duplicate_total,
+        "failures": hb.failures,
+        "dropped": hb.dropped,
     })
 }
 
