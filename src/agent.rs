@@ -7,11 +7,13 @@
 //! the checks, sends a last heartbeat (bounded), then exits. SIGHUP reloads the config: an
 //! invalid file is refused and shown in `/health` while the old config keeps running.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -70,8 +72,13 @@ impl AgentError {
     }
 }
 
-/// Opens the state directory (mode 0700), creating it when missing, and proves it writable.
-fn open_state_dir(dir: &Path) -> Result<(), AgentError> {
+/// The lock file in `state_dir` an agent holds while it runs (`vigil image prep` checks it).
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// Opens the state directory (mode 0700), creating it when missing, proves it writable,
+/// and locks it: two agents on one state directory would hand out the same heartbeat
+/// `seq` values, so the second one stops here.
+fn open_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, AgentError> {
     let err = |source| AgentError::StateDir {
         path: dir.to_path_buf(),
         source,
@@ -83,7 +90,24 @@ fn open_state_dir(dir: &Path) -> Result<(), AgentError> {
         .map_err(err)?;
     let probe = dir.join(".write-probe");
     crate::durable::write_atomic(&probe, b"").map_err(err)?;
-    std::fs::remove_file(&probe).map_err(err)
+    std::fs::remove_file(&probe).map_err(err)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))
+        .map_err(err)?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == Errno::EWOULDBLOCK {
+            err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another vigil agent is running with this state directory",
+            ))
+        } else {
+            err(errno.into())
+        }
+    })
 }
 
 /// Binds the admin socket with mode 0600. A socket file left by a crashed agent is
@@ -146,7 +170,8 @@ pub async fn run(
     for w in config.secret_warnings(&config_path) {
         warn!("{w}");
     }
-    open_state_dir(&config.agent.state_dir)?;
+    // Held until the agent exits; the kernel releases it even after a kill -9.
+    let _state_lock = open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 
     let tcp = TcpListener::bind(config.api.listen)

@@ -388,3 +388,34 @@ fn vigil_config_is_used_when_c_is_absent() {
     let out = with_env(&["status", "--json"], path_str(&cfg.path));
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
+
+/// Two agents on one state directory would hand out the same heartbeat `seq` values: the
+/// second refuses to start (73, EX_CANTCREAT) and names the reason; the first keeps serving.
+#[test]
+fn a_second_agent_on_the_same_state_dir_is_refused() {
+    let dir = tempdir();
+    let cfg = write_config(&mkdir(dir.path().join("one")), "");
+    let first = Agent::start(&cfg);
+
+    let other = mkdir(dir.path().join("two"));
+    let cfg2 = write_config(&other, "");
+    // Same state_dir as the first agent, its own port and socket.
+    let text = std::fs::read_to_string(&cfg2.path).unwrap().replace(
+        &format!("{:?}", cfg2.state_dir.display().to_string()),
+        &format!("{:?}", cfg.state_dir.display().to_string()),
+    );
+    std::fs::write(&cfg2.path, text).unwrap();
+    let out = run(&["agent", "-c", path_str(&cfg2.path)]);
+    assert_eq!(code(&out), 73, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another vigil agent is running with this state directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(first.get("/health").0, 200, "the first agent keeps serving");
+}
+
+fn mkdir(p: std::path::PathBuf) -> std::path::PathBuf {
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
