@@ -76,6 +76,11 @@ pub enum Command {
         #[command(subcommand)]
         command: LifecycleCommand,
     },
+    /// Prepare a machine image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Create the Ed25519 heartbeat signing key (mode 0600) and print its public key and id.
     Keygen {
         /// Where to write the key (PKCS#8 PEM); an existing file is never replaced.
@@ -95,6 +100,21 @@ pub enum ConfigCommand {
     Check {
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+/// `vigil image …`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Remove host-unique state (heartbeat key, sequence, spool, lifecycle) before the
+    /// image is snapshotted; refused while the agent runs.
+    Prep {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Run even while an agent holds the state directory.
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -12,7 +12,8 @@
 //! - [`client`]: talks to a running agent for `status` and `lifecycle`;
 //! - [`pg`]: PostgreSQL sessions shared by the postgres kinds; [`runner`]: runs external
 //!   programs (backup tools) with a timeout, a cleared environment and bounded output;
-//! - [`pg`]: PostgreSQL sessions shared by the `postgres.*` checks (DSN, passfile, TLS);
+//! - [`heartbeat`]: signed heartbeats: keys, signing, the document, sequence, spool,
+//!   transport and the delivery loop; [`image`]: `vigil image prep`;
 //! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
 
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod durable;
 pub mod exit;
 pub mod heartbeat;
 pub mod http;
+pub mod image;
 pub mod lifecycle;
 pub mod pg;
 pub mod runner;

@@ -10,7 +10,7 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use vigil::checks::{CheckContext, Status};
-use vigil::cli::{self, Cli, Command, ConfigCommand, LifecycleCommand};
+use vigil::cli::{self, Cli, Command, ConfigCommand, ImageCommand, LifecycleCommand};
 use vigil::client::{self, Target};
 use vigil::config::{self, Config, ConfigError};
 use vigil::{exit, http, scheduler, telemetry};
@@ -33,6 +33,9 @@ fn main() -> ExitCode {
             json,
         } => status(config.config.as_deref(), target, json),
         Command::Lifecycle { command } => lifecycle(command),
+        Command::Image {
+            command: ImageCommand::Prep { config, force },
+        } => image_prep(config.config.as_deref(), force),
         Command::Keygen { out, if_missing } => keygen(&out, if_missing),
     })
 }
@@ -191,6 +194,35 @@ fn keygen(out: &Path, if_missing: bool) -> u8 {
         Err(e) => {
             fail(e);
             exit::FAILURE
+        }
+    }
+}
+
+fn image_prep(flag: Option<&Path>, force: bool) -> u8 {
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(e) => {
+            config_error(&e);
+            return exit::CONFIG;
+        }
+    };
+    match vigil::image::prep(&cfg, force) {
+        Ok(removed) => {
+            for p in &removed {
+                println!("removed {}", p.display());
+            }
+            if removed.is_empty() {
+                println!("nothing host-unique in {}", cfg.agent.state_dir.display());
+            }
+            exit::OK
+        }
+        Err(e @ vigil::image::PrepError::AgentRunning { .. }) => {
+            fail(e);
+            exit::FAILURE
+        }
+        Err(e) => {
+            fail(e);
+            exit::CANTCREAT
         }
     }
 }

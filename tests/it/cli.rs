@@ -419,3 +419,50 @@ fn mkdir(p: std::path::PathBuf) -> std::path::PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+/// `vigil image prep` refuses while the agent runs, then removes the host-unique state
+/// (sequence, spool, key) and keeps what it does not own.
+#[test]
+fn image_prep_refuses_while_the_agent_runs_then_removes_host_state() {
+    let dir = tempdir();
+    let key = dir.path().join("hb.key");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[heartbeat]\nurl = \"http://127.0.0.1:{}/hb\"\nkey_file = {:?}\n",
+            free_port(),
+            key.display().to_string()
+        ),
+    );
+    assert_eq!(code(&run(&["keygen", "--out", path_str(&key)])), 0);
+    std::fs::create_dir_all(&cfg.state_dir).unwrap();
+    std::fs::write(cfg.state_dir.join("operator-notes.txt"), "kept").unwrap();
+    let agent = Agent::start(&cfg);
+
+    let out = run(&["image", "prep", "-c", path_str(&cfg.path)]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("an agent is running"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(key.exists(), "nothing removed while refused");
+
+    assert_eq!(agent.stop(), Some(0));
+    let out = run(&["image", "prep", "-c", path_str(&cfg.path)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let printed = stdout(&out);
+    for gone in [
+        key,
+        cfg.state_dir.join("heartbeat-seq.json"),
+        // The control plane's port is closed: the agent spooled.
+        cfg.state_dir.join("spool"),
+    ] {
+        assert!(!gone.exists(), "{} still there", gone.display());
+        assert!(
+            printed.contains(&format!("removed {}", gone.display())),
+            "{printed}"
+        );
+    }
+    assert!(cfg.state_dir.join("operator-notes.txt").exists());
+}

@@ -1,0 +1,185 @@
+//! `vigil image prep`: removes host-unique state before a machine image is snapshotted, so
+//! every host booted from the image gets its own identity: its own key (made on first
+//! boot, e.g. `vigil keygen --if-missing` in `ExecStartPre`), its own `seq`, an empty
+//! spool and audit, and the config's `initial_lifecycle`.
+//!
+//! Only names vigil itself writes are removed ([`STATE_ENTRIES`] in `state_dir`, plus the
+//! configured key file), never "everything in the directory": a `state_dir` pointed at a
+//! shared directory by mistake must not be emptied. The host id is never cached (it is
+//! read from `/etc/machine-id` at each start), so there is nothing else to forget.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::agent::LOCK_FILE;
+use crate::config::Config;
+
+/// Entries of `state_dir` that belong to one host, removed by `image prep`.
+pub const STATE_ENTRIES: &[&str] = &[
+    crate::heartbeat::seq::FILE_NAME,
+    "spool",
+    "lifecycle.json",
+    "heartbeat.key",
+    ".write-probe",
+];
+
+/// Why `image prep` did not (completely) run.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepError {
+    /// The agent holds the state directory's lock.
+    #[error(
+        "an agent is running with state directory {} (stop it first, or use --force)",
+        dir.display()
+    )]
+    AgentRunning {
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// Something could not be removed.
+    #[error("removing {}: {source}", path.display())]
+    Remove {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Removes the host-unique state of `config`; returns what was removed. Refuses while an
+/// agent holds the state directory unless `force`.
+///
+/// # Errors
+/// [`PrepError::AgentRunning`], or [`PrepError::Remove`] for the first path that could
+/// not be removed (what was removed before it stays removed; running again continues).
+pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
+    let dir = &config.agent.state_dir;
+    // Hold the agent's lock while removing, so an agent starting meanwhile waits for us
+    // (it fails to lock and exits; systemd restarts it after prep is done).
+    let _lock = match lock(dir) {
+        Ok(l) => l,
+        Err(_) if force => None,
+        Err(e) => return Err(e),
+    };
+    let mut paths: Vec<PathBuf> = STATE_ENTRIES.iter().map(|e| dir.join(e)).collect();
+    if let Some(hb) = &config.heartbeat {
+        if !paths.contains(&hb.key_file) {
+            paths.push(hb.key_file.clone());
+        }
+    }
+    let mut removed = Vec::new();
+    for path in paths {
+        if remove(&path)? {
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// Takes the agent's lock if the directory exists (`None` when there is no directory, so
+/// nothing to protect).
+fn lock(dir: &Path) -> Result<Option<Flock<std::fs::File>>, PrepError> {
+    let path = dir.join(LOCK_FILE);
+    let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        // No lock file: no agent has run here, or it was removed by an earlier prep.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PrepError::Remove { path, source }),
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, Errno::EWOULDBLOCK)) => Err(PrepError::AgentRunning {
+            dir: dir.to_path_buf(),
+        }),
+        Err((_, errno)) => Err(PrepError::Remove {
+            path,
+            source: errno.into(),
+        }),
+    }
+}
+
+/// Removes a file or a directory tree; false when it did not exist.
+fn remove(path: &Path) -> Result<bool, PrepError> {
+    let err = |source| PrepError::Remove {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(err(e)),
+    };
+    if meta.is_dir() {
+        std::fs::remove_dir_all(path).map_err(err)?;
+    } else {
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, key: Option<&Path>) -> Config {
+        let mut text = format!("[agent]\nstate_dir = {:?}\n", dir.display().to_string());
+        if let Some(k) = key {
+            text.push_str(&format!(
+                "[heartbeat]\nurl = \"https://c.example/hb\"\nkey_file = {:?}\n",
+                k.display().to_string()
+            ));
+        }
+        crate::config::parse(Path::new("t.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn removes_host_state_and_the_key_but_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir_all(state.join("spool")).unwrap();
+        std::fs::write(state.join("spool/00000000000000000001.seg"), b"x").unwrap();
+        std::fs::write(state.join("heartbeat-seq.json"), b"{}").unwrap();
+        std::fs::write(state.join("lifecycle.json"), b"{}").unwrap();
+        std::fs::write(state.join("notes.txt"), b"operator's").unwrap();
+        let key = d.path().join("etc-key.pem");
+        std::fs::write(&key, b"k").unwrap();
+
+        let removed = prep(&config(&state, Some(&key)), false).unwrap();
+        let mut names: Vec<String> = removed
+            .iter()
+            .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "etc-key.pem",
+                "state/heartbeat-seq.json",
+                "state/lifecycle.json",
+                "state/spool"
+            ]
+        );
+        assert!(state.join("notes.txt").exists(), "unknown files are kept");
+        assert!(prep(&config(&state, Some(&key)), false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refuses_while_the_lock_is_held_unless_forced() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("lifecycle.json"), b"{}").unwrap();
+        let f = std::fs::File::create(d.path().join(LOCK_FILE)).unwrap();
+        let held = Flock::lock(f, FlockArg::LockExclusiveNonblock).unwrap();
+        let cfg = config(d.path(), None);
+        let e = prep(&cfg, false).unwrap_err();
+        assert!(e.to_string().contains("an agent is running"), "{e}");
+        assert!(d.path().join("lifecycle.json").exists());
+        assert_eq!(
+            prep(&cfg, true).unwrap(),
+            vec![d.path().join("lifecycle.json")]
+        );
+        drop(held);
+    }
+}
