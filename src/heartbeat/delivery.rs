@@ -77,6 +77,10 @@ pub const MIN_RETRY: Duration = Duration::from_millis(100);
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
 /// Spooled heartbeats read per batch while draining.
 const DRAIN_BATCH: usize = 32;
+/// Delivered spooled heartbeats acknowledged together: one `ack` file write (an fsync and
+/// a rename) per this many, so a crash mid-drain sends at most this many again (the
+/// receiver answers 409), and a long drain does not pay an fsync per record.
+const ACK_EVERY: usize = 8;
 /// How much of an error answer's body goes into a log line or `/health`.
 const ANSWER_EXCERPT: usize = 200;
 
@@ -92,7 +96,8 @@ pub struct StatusView {
     pub spooled: u64,
     /// Bytes of spool segment files.
     pub spool_bytes: u64,
-    /// Heartbeats held in memory, waiting to be sent or spooled.
+    /// Heartbeats held in memory while delivery is failing (the spool could not take
+    /// them, or they wait for the spool write that follows a failed send).
     pub pending: u64,
     /// The control plane answered 401/403 to the last attempt.
     pub rejected: bool,
@@ -582,7 +587,18 @@ impl Delivery {
             );
             self.status.count_dropped("unspoolable", dropped);
         }
-        self.status.update(|v| v.pending = self.memory.len() as u64);
+        let waiting = self.waiting();
+        self.status.update(|v| v.pending = waiting);
+    }
+
+    /// Heartbeats in memory that wait because delivery is failing (the one being sent
+    /// right now on the happy path is not waiting).
+    fn waiting(&self) -> u64 {
+        if self.retry_at.is_some() {
+            self.memory.len() as u64
+        } else {
+            0
+        }
     }
 
     /// Moves memory into the spool, oldest first, stopping at the first failure (what is
@@ -601,6 +617,7 @@ impl Delivery {
             let mut left = Vec::new();
             let mut failure: Option<SpoolError> = None;
             let mut too_large = 0;
+            let mut out_of_order = 0;
             for (seq, body) in batch {
                 if failure.is_some() {
                     left.push((seq, body));
@@ -613,7 +630,7 @@ impl Delivery {
                         // Cannot come from this loop (the invariant above); keeping the
                         // record would block the queue, so it is given up loudly.
                         error!(error = %e, "heartbeat not spooled");
-                        too_large += 1;
+                        out_of_order += 1;
                     }
                     Err(e) => {
                         failure = Some(e);
@@ -621,10 +638,10 @@ impl Delivery {
                     }
                 }
             }
-            (spool, left, failure, too_large)
+            (spool, left, failure, too_large, out_of_order)
         })
         .await;
-        let Some((spool, left, failure, too_large)) = res else {
+        let Some((spool, left, failure, too_large, out_of_order)) = res else {
             // The spool is reopened (and recovered) at the next setup.
             self.spool_problem("the heartbeat spool task failed".into());
             return;
@@ -637,6 +654,7 @@ impl Delivery {
             );
             self.status.count_dropped("too_large", too_large);
         }
+        self.status.count_dropped("unspoolable", out_of_order);
         for (seq, body) in left {
             self.memory_bytes += body.len();
             self.memory.push_back((seq, body));
@@ -693,7 +711,8 @@ impl Delivery {
             self.memory_bytes -= body.len();
             match self.send_one(seq, &body, deadline, stop).await {
                 Verdict::Done => {
-                    self.status.update(|v| v.pending = self.memory.len() as u64);
+                    let waiting = self.waiting();
+                    self.status.update(|v| v.pending = waiting);
                 }
                 Verdict::Retry | Verdict::Interrupted => {
                     self.memory_bytes += body.len();
@@ -738,10 +757,18 @@ impl Delivery {
             return Some(true);
         }
         let mut done_up_to = None;
+        let mut unacked = 0;
         let mut all_done = true;
         for (seq, body) in &batch {
             match self.send_one(*seq, body, deadline, stop).await {
-                Verdict::Done => done_up_to = Some(*seq),
+                Verdict::Done => {
+                    done_up_to = Some(*seq);
+                    unacked += 1;
+                    if unacked == ACK_EVERY {
+                        self.ack(*seq).await;
+                        unacked = 0;
+                    }
+                }
                 Verdict::Retry | Verdict::Interrupted => {
                     all_done = false;
                     break;
@@ -752,7 +779,7 @@ impl Delivery {
                 break;
             }
         }
-        if let Some(up_to) = done_up_to {
+        if let Some(up_to) = done_up_to.filter(|_| unacked > 0) {
             self.ack(up_to).await;
         }
         Some(all_done && self.spool.is_some())
@@ -813,12 +840,15 @@ impl Delivery {
         let mut stop = stop.clone();
         let send = client.post(body, &headers);
         let result = match deadline {
-            Some(d) => tokio::time::timeout_at(d, send).await.unwrap_or_else(|_| {
-                Err(SendError::Timeout {
-                    target: client.target_uri().to_string(),
-                    limit: SHUTDOWN_BUDGET,
+            Some(d) => {
+                let limit = d.saturating_duration_since(Instant::now());
+                tokio::time::timeout_at(d, send).await.unwrap_or_else(|_| {
+                    Err(SendError::Timeout {
+                        target: client.target_uri().to_string(),
+                        limit,
+                    })
                 })
-            }),
+            }
             None => tokio::select! {
                 r = send => r,
                 _ = stop.wait_for(|s| *s != Stop::Run) => return Verdict::Interrupted,
@@ -959,7 +989,7 @@ impl Delivery {
             corrupt_skipped_total.saturating_sub(corrupt_seen),
         );
         self.spool_counted = (dropped_total, corrupt_skipped_total);
-        let pending = self.memory.len() as u64;
+        let pending = self.waiting();
         self.status.update(|v| {
             v.spooled = records;
             v.spool_bytes = bytes;

@@ -18,6 +18,9 @@ mod config;
 mod disk;
 /// HAProxy's httpchk against /replica?lag= takes a lagging standby out and back.
 mod haproxy;
+/// Heartbeat delivery by the real agent to a control-plane stand-in: signatures, spool,
+/// drain order, 409/401/4xx answers, crashes, SIGTERM, bad keys, TLS and a full disk.
+mod heartbeat;
 /// backup.pgbackrest against real pgBackRest backups of a real PostgreSQL.
 mod pgbackrest;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
@@ -26,6 +29,8 @@ mod pgcluster;
 mod postgres;
 /// `process` against real processes; a hung check does not delay others or the API.
 mod process;
+/// The control-plane stand-in the heartbeat tests post to.
+mod receiver;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
 mod reload;
 /// The program runner: process groups, timeouts, bounded output, cleared environment.
