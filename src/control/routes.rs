@@ -326,7 +326,10 @@ where
         seq,
         key_id,
         received_at_ms: epoch_ms(received_at),
-        body: bytes,
+        // A copy of exactly the body: the collected `Bytes` may be a slice of hyper's
+        // read buffer, and the store keeps each host's latest body for as long as the
+        // host lives; without the copy every host would pin a whole buffer.
+        body: Bytes::copy_from_slice(&bytes),
         summary: parsed.summary,
     };
     match app.store.accept(incoming).await {

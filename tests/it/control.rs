@@ -445,8 +445,10 @@ async fn a_host_turns_uncertain_when_overdue_and_back_when_heartbeats_resume() {
     plane.enroll("db-1", &k);
     let rx = plane.start();
     let c = plane.client();
-    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
+    // Taken before the POST: the receiver stamps the heartbeat when it reads the body,
+    // so the host cannot be overdue before `sent + overdue_after`.
     let sent = Instant::now();
+    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
     assert_eq!(plane.host("db-1").await["state"], "available");
     let deadline = sent + Duration::from_secs(10);
     loop {
@@ -587,4 +589,89 @@ fn an_invalid_config_exits_78_with_file_line_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("vigil: --pubkey: "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_one_call_per_change_of_derived_state() {
+    use hyper::service::service_fn;
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let (tx, mut calls) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = hook.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let b = req.into_body().collect().await?.to_bytes();
+                        let _ = tx.send(serde_json::from_slice(&b).unwrap_or(Value::Null));
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let plane = Plane::new(&format!(
+        "overdue_after = \"2s\"\nwebhook = \"http://{hook_addr}/hook\""
+    ));
+    let k = key(1);
+    plane.enroll("db-1", &k);
+    let rx = plane.start();
+    // The tracker's first round learns "uncertain" (never heard from) without a call.
+    let t = Instant::now();
+    loop {
+        let (_, m) = plane.get("/metrics").await;
+        if m.as_str()
+            .unwrap()
+            .contains("vigil_control_hosts{state=\"uncertain\"} 1")
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = plane.client();
+    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
+    let first = next_call(&mut calls).await;
+    assert_eq!(
+        (&first["host_id"], &first["previous"], &first["state"]),
+        (&json!("db-1"), &json!("uncertain"), &json!("available"))
+    );
+    let second = next_call(&mut calls).await;
+    assert_eq!(
+        (
+            &second["previous"],
+            &second["state"],
+            &second["reported_state"]
+        ),
+        (
+            &json!("available"),
+            &json!("uncertain"),
+            &json!("available")
+        )
+    );
+    assert_eq!(second["seq"], 1);
+    // Nothing changes any more, so nothing more is called (three tracker rounds).
+    let more = tokio::time::timeout(Duration::from_secs(3), calls.recv()).await;
+    assert!(more.is_err(), "an extra call: {more:?}");
+    let (_, m) = plane.get("/metrics").await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("vigil_control_webhook_calls_total{result=\"ok\"} 2"),
+        "{m}"
+    );
+    drop(rx);
+}
+
+async fn next_call(calls: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), calls.recv())
+        .await
+        .expect("a webhook call")
+        .unwrap()
 }
