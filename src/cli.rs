@@ -23,6 +23,14 @@ pub struct ConfigArg {
     pub config: Option<PathBuf>,
 }
 
+/// The config option of `vigil control` and its subcommands.
+#[derive(Debug, Args, Clone)]
+pub struct ControlConfigArg {
+    /// Config file [default: $VIGIL_CONTROL_CONFIG, then /etc/vigil/control.toml]
+    #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+}
+
 /// Where to reach a running agent.
 #[derive(Debug, Args, Clone)]
 pub struct TargetArgs {
@@ -81,6 +89,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Run the reference control plane (heartbeat receiver), or manage its hosts.
+    Control {
+        #[command(flatten)]
+        config: ControlConfigArg,
+        #[command(subcommand)]
+        command: Option<ControlCommand>,
+    },
     /// Create the Ed25519 heartbeat signing key (mode 0600) and print its public key and id.
     Keygen {
         /// Where to write the key (PKCS#8 PEM); an existing file is never replaced.
@@ -115,6 +130,36 @@ pub enum ImageCommand {
         /// Run even while an agent holds the state directory.
         #[arg(long)]
         force: bool,
+    },
+}
+
+/// `vigil control …`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Enroll a host's public key (takes effect at once, also in a running receiver).
+    Enroll {
+        /// The host id, as the agent's heartbeats carry it.
+        #[arg(long = "host", value_name = "ID")]
+        host: String,
+        /// The public key as `vigil keygen` prints it (standard base64 of 32 bytes).
+        #[arg(long, value_name = "B64")]
+        pubkey: String,
+    },
+    /// Revoke one key of a host (--key-id), or all of them.
+    Revoke {
+        /// The host id.
+        #[arg(long = "host", value_name = "ID")]
+        host: String,
+        /// The key id (`key_id` as `vigil keygen` prints it); omitted: every key.
+        #[arg(long, value_name = "KID")]
+        key_id: Option<String>,
+    },
+    /// List enrolled hosts and their derived state.
+    Hosts {
+        /// Print the JSON array of /v1/hosts.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -9,6 +9,7 @@
 //! - [`lifecycle`]: host states and the operator's lifecycle with its transition table;
 //! - [`http`]: the local API (TCP, read-only; admin Unix socket);
 //! - [`agent`]: the composition root of `vigil agent`, signals and reload;
+//! - [`control`]: `vigil control`, the reference control plane that receives heartbeats;
 //! - [`client`]: talks to a running agent for `status` and `lifecycle`;
 //! - [`pg`]: PostgreSQL sessions shared by the postgres kinds; [`runner`]: runs external
 //!   programs (backup tools) with a timeout, a cleared environment and bounded output;
@@ -21,6 +22,7 @@ pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod durable;
 pub mod exit;
 pub mod heartbeat;

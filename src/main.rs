@@ -10,7 +10,9 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use vigil::checks::{CheckContext, Status};
-use vigil::cli::{self, Cli, Command, ConfigCommand, ImageCommand, LifecycleCommand};
+use vigil::cli::{
+    self, Cli, Command, ConfigCommand, ControlCommand, ImageCommand, LifecycleCommand,
+};
 use vigil::client::{self, Target};
 use vigil::config::{self, Config, ConfigError};
 use vigil::{exit, http, scheduler, telemetry};
@@ -37,7 +39,21 @@ fn main() -> ExitCode {
             command: ImageCommand::Prep { config, force },
         } => image_prep(config.config.as_deref(), force),
         Command::Keygen { out, if_missing } => keygen(&out, if_missing),
+        Command::Control { config, command } => control(config.config.as_deref(), command),
     })
+}
+
+/// `vigil control [enroll|revoke|hosts]`.
+fn control(flag: Option<&Path>, command: Option<ControlCommand>) -> u8 {
+    use vigil::control::cmd;
+    match command {
+        None => cmd::serve(flag),
+        Some(ControlCommand::Enroll { host, pubkey }) => cmd::enroll(flag, &host, &pubkey),
+        Some(ControlCommand::Revoke { host, key_id }) => {
+            cmd::revoke(flag, &host, key_id.as_deref())
+        }
+        Some(ControlCommand::Hosts { json }) => cmd::hosts(flag, json),
+    }
 }
 
 fn fail(msg: impl std::fmt::Display) {

@@ -349,7 +349,8 @@ pub fn parse(path: &Path, doc: &str) -> Result<Config, ConfigError> {
     }
 }
 
-fn resolve(base: &Path, p: &mut PathBuf) {
+/// Makes a relative, non-empty `p` relative to `base` (the config file's directory).
+pub fn resolve(base: &Path, p: &mut PathBuf) {
     if p.is_relative() && !p.as_os_str().is_empty() {
         *p = normalize(&base.join(&*p));
     }

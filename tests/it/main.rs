@@ -14,6 +14,8 @@ mod backup_files;
 mod cli;
 /// Config files: the shipped ones load; bad ones fail with file, key and line.
 mod config;
+/// `vigil control`: signed heartbeats over real TLS, rejections, restarts, kill -9.
+mod control;
 /// `disk` against a real tmpfs: trip, clear, read-only remount.
 mod disk;
 /// HAProxy's httpchk against /replica?lag= takes a lagging standby out and back.

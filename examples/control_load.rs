@@ -1,0 +1,206 @@
+//! Load generator for `vigil control`.
+//!
+//! ```text
+//! # verify cost alone: parse + keyid + Content-Digest + RFC 9421 Ed25519 verify, one core
+//! cargo run --release --example control_load -- verify [ITERATIONS]
+//! # accepted heartbeats per second against a running receiver (plain HTTP on loopback,
+//! # keep-alive connections); enrols HOSTS hosts into STATE_DIR's journal first
+//! cargo run --release --example control_load -- load URL STATE_DIR HOSTS CONNS SECONDS
+//! ```
+//!
+//! `load` prints the 200s per second and the latency percentiles of the 200s. Each
+//! connection sends for its own hosts in turn, every request freshly signed, so the
+//! receiver does the full work (verify, seq check, group-committed fsync) each time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use vigil::control::store::Store;
+use vigil::control::store::file::FileStore;
+use vigil::heartbeat::keys::HeartbeatKey;
+use vigil::heartbeat::sign::{self, Received};
+
+fn body(host: &str, seq: u64) -> Vec<u8> {
+    // About the size of a real heartbeat with a dozen checks.
+    let checks: Vec<serde_json::Value> = (0..12)
+        .map(|i| {
+            serde_json::json!({"name": format!("check-{i}"), "kind": "disk", "status": "ok",
+                "tripped": false, "value": 0.42, "unit": "ratio", "message": "42% used of /"})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "v": 1, "host_id": host, "seq": seq, "sent_at": "2026-01-01T00:00:00Z",
+        "state": "available", "kernel": "6.1.0-18-amd64", "image": {"id": "debian", "version": "12"},
+        "labels": {"cluster": "orders"}, "checks": checks,
+    }))
+    .unwrap_or_default()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn verify(iterations: u32) {
+    let key = HeartbeatKey::from_signing_key(SigningKey::from_bytes(&[7; 32]));
+    let public = key.public_key();
+    let b = body("4f1c0b6e2a9d4e7f8a3b5c6d7e8f9012", 1);
+    let url = "https://control.internal:8443/v1/heartbeats";
+    let h = sign::sign(&key, "POST", url, "application/json", &b, now()).unwrap_or_else(|e| {
+        panic!("sign: {e}");
+    });
+    let t = Instant::now();
+    for _ in 0..iterations {
+        let parsed = vigil::control::body::parse(&b).map(|p| p.seq);
+        let kid = sign::signature_key_id(&h.signature_input);
+        let r = Received {
+            method: "POST",
+            target_uri: url,
+            content_type: Some("application/json"),
+            content_digest: Some(&h.content_digest),
+            signature_input: Some(&h.signature_input),
+            signature: Some(&h.signature),
+            body: &b,
+        };
+        let ok = sign::verify(&public, &r, now(), Duration::from_secs(300));
+        assert!(parsed.is_ok() && kid.is_ok() && ok.is_ok());
+    }
+    let per = t.elapsed() / iterations;
+    println!(
+        "body {} bytes: {per:?} per heartbeat (parse + keyid + digest + verify), {:.0}/s on one core",
+        b.len(),
+        1.0 / per.as_secs_f64()
+    );
+}
+
+async fn load(url: String, state_dir: String, hosts: usize, conns: usize, secs: u64) {
+    let key = Arc::new(HeartbeatKey::from_signing_key(SigningKey::from_bytes(
+        &[7; 32],
+    )));
+    let store = FileStore::open_read_only(std::path::Path::new(&state_dir), false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    for i in 0..hosts {
+        store
+            .enroll(&format!("load-{i}"), &key.public_key())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    eprintln!("enrolled {hosts} hosts in {:?}", t.elapsed());
+    let uri: hyper::Uri = url.parse().unwrap_or_else(|e| panic!("{e}"));
+    let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    let target = url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    // A seq base above anything a previous run left, so reruns need no fresh store.
+    let base = now() * 1000;
+    for c in 0..conns {
+        let (key, stop, authority, target) =
+            (key.clone(), stop.clone(), authority.clone(), target.clone());
+        let mine: Vec<String> = (c..hosts)
+            .step_by(conns)
+            .map(|i| format!("load-{i}"))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(&authority)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let _ = tcp.set_nodelay(true);
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            tokio::spawn(conn);
+            let mut lat = Vec::new();
+            let mut other = 0u64;
+            let mut seq = base;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                for h in &mine {
+                    let b = body(h, seq);
+                    let s = sign::sign(&key, "POST", &target, "application/json", &b, now())
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let req = hyper::Request::post(uri_path(&target))
+                        .header("host", &authority)
+                        .header("content-type", "application/json")
+                        .header("content-digest", s.content_digest)
+                        .header("signature-input", s.signature_input)
+                        .header("signature", s.signature)
+                        .body(Full::new(Bytes::from(b)))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let t = Instant::now();
+                    let resp = send
+                        .send_request(req)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let status = resp.status().as_u16();
+                    let _ = resp.into_body().collect().await;
+                    if status == 200 {
+                        lat.push(t.elapsed());
+                    } else {
+                        other += 1;
+                    }
+                }
+            }
+            (lat, other)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    let mut other = 0;
+    for t in tasks {
+        if let Ok((l, o)) = t.await {
+            lat.extend(l);
+            other += o;
+        }
+    }
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{} accepted in {secs}s = {:.0}/s ({other} not 200); latency p50 {:?} p99 {:?} max {:?}",
+        lat.len(),
+        lat.len() as f64 / secs as f64,
+        pct(0.50),
+        pct(0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+}
+
+fn uri_path(url: &str) -> String {
+    url.parse::<hyper::Uri>()
+        .ok()
+        .and_then(|u| u.path_and_query().map(|p| p.to_string()))
+        .unwrap_or_else(|| "/".into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("verify") => verify(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000)),
+        Some("load") if args.len() == 6 => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(load(
+                args[1].clone(),
+                args[2].clone(),
+                args[3].parse().unwrap_or(1000),
+                args[4].parse().unwrap_or(64),
+                args[5].parse().unwrap_or(10),
+            ));
+        }
+        _ => eprintln!("usage: control_load verify [N] | load URL STATE_DIR HOSTS CONNS SECONDS"),
+    }
+}

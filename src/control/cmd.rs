@@ -1,0 +1,313 @@
+//! The `vigil control` subcommands as the binary runs them: each prints its answer (or
+//! one error line, `vigil: …`) and returns the exit code.
+//!
+//! Exit codes: 0 done; 1 refused (`revoke` of a key that is not enrolled) or a store
+//! that cannot be read; 2 a bad `--host`/`--pubkey`/`--key-id`; 69 the listen address or
+//! the store is taken; 73 the state directory cannot be created or written; 78 an invalid
+//! config (also a TLS file that cannot be used).
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::config::{self, ControlFile, StoreSetting};
+use super::store::file::{FileStore, Options};
+use super::store::{HostFilter, Page, Store, StoreError, epoch_ms};
+use super::{body, routes, server};
+use crate::heartbeat::keys::PublicKey;
+use crate::{exit, systemd, telemetry};
+
+fn fail(msg: impl std::fmt::Display) {
+    eprintln!("vigil: {msg}");
+}
+
+fn load(flag: Option<&Path>) -> Result<ControlFile, u8> {
+    config::load(&config::resolve_path(flag)).map_err(|e| {
+        for line in e.to_string().lines() {
+            fail(line);
+        }
+        exit::CONFIG
+    })
+}
+
+fn store_exit(e: &StoreError) -> u8 {
+    match e {
+        StoreError::Locked(_) => exit::UNAVAILABLE,
+        StoreError::Io { .. } => exit::CANTCREAT,
+        _ => exit::FAILURE,
+    }
+}
+
+/// A file store the CLI may use while a receiver runs (or none does).
+fn cli_store(cfg: &ControlFile, heartbeats: bool) -> Result<FileStore, u8> {
+    let c = &cfg.control;
+    if let StoreSetting::Postgres(_) = c.store {
+        fail("control.store: the PostgreSQL store is not in this build yet; use store = \"file\"");
+        return Err(exit::UNAVAILABLE);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&c.state_dir)
+        .map_err(|e| {
+            fail(format!("creating {}: {e}", c.state_dir.display()));
+            exit::CANTCREAT
+        })?;
+    FileStore::open_read_only(&c.state_dir, heartbeats).map_err(|e| {
+        fail(&e);
+        store_exit(&e)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            fail(format!("starting the runtime: {e}"));
+            exit::SOFTWARE
+        })
+}
+
+/// `vigil control enroll --host ID --pubkey B64`.
+pub fn enroll(flag: Option<&Path>, host: &str, pubkey: &str) -> u8 {
+    if let Err(e) = body::valid_host_id(host) {
+        fail(format!("--host {host:?}: {e}"));
+        return exit::USAGE;
+    }
+    let key = match PublicKey::from_b64(pubkey) {
+        Ok(k) => k,
+        Err(e) => {
+            fail(format!("--pubkey: {e}"));
+            return exit::USAGE;
+        }
+    };
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (store, rt) = match (cli_store(&cfg, false), runtime()) {
+        (Ok(s), Ok(rt)) => (s, rt),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let kid = &key.info().key_id;
+    match rt.block_on(store.enroll(host, &key)) {
+        Ok(true) => {
+            println!("enrolled key {kid} for host {host}");
+            exit::OK
+        }
+        Ok(false) => {
+            println!("key {kid} was already enrolled for host {host}");
+            exit::OK
+        }
+        Err(e) => {
+            fail(&e);
+            store_exit(&e)
+        }
+    }
+}
+
+/// `vigil control revoke --host ID [--key-id KID]`.
+pub fn revoke(flag: Option<&Path>, host: &str, key_id: Option<&str>) -> u8 {
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (store, rt) = match (cli_store(&cfg, false), runtime()) {
+        (Ok(s), Ok(rt)) => (s, rt),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    match rt.block_on(store.revoke(host, key_id)) {
+        Ok(0) => {
+            match key_id {
+                Some(k) => fail(format!("host {host:?} has no enrolled key {k:?}")),
+                None => fail(format!("host {host:?} is not enrolled")),
+            }
+            exit::FAILURE
+        }
+        Ok(n) => {
+            println!(
+                "revoked {n} key{} of host {host}",
+                if n == 1 { "" } else { "s" }
+            );
+            exit::OK
+        }
+        Err(e) => {
+            fail(&e);
+            store_exit(&e)
+        }
+    }
+}
+
+/// `vigil control hosts [--json]`: read from the store itself, so it works whether or not
+/// a receiver runs.
+pub fn hosts(flag: Option<&Path>, json: bool) -> u8 {
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (store, rt) = match (cli_store(&cfg, true), runtime()) {
+        (Ok(s), Ok(rt)) => (s, rt),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let overdue = cfg.control.overdue_after.get();
+    let now_ms = epoch_ms(SystemTime::now());
+    let filter = HostFilter {
+        now_ms,
+        overdue_after: overdue,
+        ..HostFilter::default()
+    };
+    let page = Page {
+        limit: usize::MAX,
+        after: None,
+    };
+    let list = match rt.block_on(store.hosts(&filter, &page)) {
+        Ok(l) => l,
+        Err(e) => {
+            fail(&e);
+            return store_exit(&e);
+        }
+    };
+    if json {
+        print!(
+            "{}",
+            String::from_utf8_lossy(&routes::hosts_body(&list, now_ms, overdue))
+        );
+        return exit::OK;
+    }
+    let mut rows = vec![vec![
+        "HOST".to_string(),
+        "STATE".into(),
+        "REPORTED".into(),
+        "LAST SEEN".into(),
+        "SEQ".into(),
+        "KEYS".into(),
+    ]];
+    for h in &list {
+        let last = h.last.as_ref();
+        rows.push(vec![
+            h.host_id.clone(),
+            h.derived_state(now_ms, overdue).as_str().into(),
+            last.map_or("-".into(), |l| l.summary.state.as_str().to_string()),
+            last.map_or("never".into(), |l| {
+                crate::lifecycle::rfc3339(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(l.received_at_ms),
+                )
+            }),
+            last.map_or("-".into(), |l| l.seq.to_string()),
+            h.keys.len().to_string(),
+        ]);
+    }
+    print!("{}", crate::cli::table(&rows));
+    exit::OK
+}
+
+/// `vigil control`: runs the receiver until SIGTERM or SIGINT; exit 0 once requests in
+/// flight have finished.
+pub fn serve(flag: Option<&Path>) -> u8 {
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let _telemetry = match telemetry::init(&cfg.log) {
+        Ok(t) => t,
+        Err(e) => {
+            fail(format!("logging: {e}"));
+            return exit::CONFIG;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            fail(format!("starting the runtime: {e}"));
+            return exit::SOFTWARE;
+        }
+    };
+    let code = rt.block_on(run(cfg));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
+}
+
+async fn run(cfg: ControlFile) -> u8 {
+    let c = &cfg.control;
+    let tls = match server::tls_acceptor(c) {
+        Ok(t) => t,
+        Err(e) => {
+            fail(&e);
+            return exit::CONFIG;
+        }
+    };
+    let store = match &c.store {
+        StoreSetting::File => {
+            let dir = c.state_dir.clone();
+            match tokio::task::spawn_blocking(move || FileStore::open(&dir, Options::default()))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    fail(&e);
+                    return store_exit(&e);
+                }
+                Err(e) => {
+                    fail(format!("opening the store: {e}"));
+                    return exit::SOFTWARE;
+                }
+            }
+        }
+        StoreSetting::Postgres(_) => {
+            fail(
+                "control.store: the PostgreSQL store is not in this build yet; use store = \"file\"",
+            );
+            return exit::UNAVAILABLE;
+        }
+    };
+    let listener = match TcpListener::bind(c.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            fail(format!("listening on {}: {e}", c.listen));
+            return exit::UNAVAILABLE;
+        }
+    };
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            fail(format!("installing signal handlers: {e}"));
+            return exit::SOFTWARE;
+        }
+    };
+    let app = match server::app(store, c, tls.is_some()) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            fail(format!("metrics: {e}"));
+            return exit::SOFTWARE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        systemd::stopping();
+        stop.cancel();
+    });
+    let addr = listener.local_addr().map_or(c.listen, |a| a);
+    info!(listen = %addr, tls = tls.is_some(), state_dir = %c.state_dir.display(), "vigil control started");
+    systemd::ready(&format!("receiving heartbeats on {addr}"));
+    server::run(listener, tls, app, c, shutdown).await;
+    info!("vigil control stopped");
+    exit::OK
+}

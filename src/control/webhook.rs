@@ -1,0 +1,227 @@
+//! The webhook: one JSON `POST` per change of a host's derived state.
+//!
+//! The state tracker queues a [`Change`] (bounded at [`QUEUE`]; a full queue drops and
+//! counts, it never blocks tracking); one task sends them in order, each retried with
+//! exponential backoff and jitter (1 s doubling to 60 s, at most [`MAX_TRIES`] tries) on
+//! a connection error, a timeout, a 5xx or a 429. Any other answer ends that call: a 4xx
+//! will not get better by repeating it. One at a time keeps a host's changes in order.
+//!
+//! Body: `{"host_id", "state", "previous", "reported_state", "last_seen", "seq", "at"}`
+//! (times RFC 3339 UTC). HTTPS uses the system's trust store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::routes::App;
+use super::store::{HostView, Store};
+use crate::lifecycle::{HostState, rfc3339};
+
+/// Changes waiting to be sent, at most.
+pub const QUEUE: usize = 10_000;
+/// Tries per change.
+pub const MAX_TRIES: usize = 8;
+/// Limit of one try: connect, handshake, request and answer.
+pub const TRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One change of derived state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    host_id: String,
+    state: HostState,
+    previous: HostState,
+    reported_state: Option<HostState>,
+    last_seen: Option<String>,
+    seq: Option<u64>,
+    at: String,
+}
+
+impl Change {
+    /// The change of `h` from `previous` to `state`, noticed at `now_ms`.
+    pub fn new(h: &HostView, previous: HostState, state: HostState, now_ms: u64) -> Change {
+        let t = |ms: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        Change {
+            host_id: h.host_id.clone(),
+            state,
+            previous,
+            reported_state: h.last.as_ref().map(|l| l.summary.state),
+            last_seen: h.last.as_ref().map(|l| t(l.received_at_ms)),
+            seq: h.last.as_ref().map(|l| l.seq),
+            at: t(now_ms),
+        }
+    }
+}
+
+/// Sends queued changes to `url` until `shutdown` (changes still queued then are dropped:
+/// the receiver is stopping).
+pub async fn send_loop<S: Store>(
+    url: Uri,
+    mut rx: mpsc::Receiver<Change>,
+    app: Arc<App<S>>,
+    shutdown: CancellationToken,
+) {
+    let client = Client::new(url);
+    loop {
+        let change = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        let body = Bytes::from(serde_json::to_vec(&change).unwrap_or_default());
+        let send = || client.post(body.clone());
+        let result = send
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_secs(1))
+                    .with_max_delay(Duration::from_secs(60))
+                    .with_max_times(MAX_TRIES - 1)
+                    .with_jitter(),
+            )
+            .sleep(tokio::time::sleep)
+            .when(|e: &TryError| e.retryable)
+            .notify(|e: &TryError, after| {
+                debug!(error = %e.message, retry_in = ?after, "webhook call failed; retrying");
+            });
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = result => r,
+        };
+        match outcome {
+            Ok(()) => app.metrics.webhook.with_label_values(&["ok"]).inc(),
+            Err(e) => {
+                app.metrics.webhook.with_label_values(&["failed"]).inc();
+                warn!(host_id = %change.host_id, error = %e.message, "webhook call failed; change not delivered");
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TryError {
+    message: String,
+    retryable: bool,
+}
+
+fn retry(message: String) -> TryError {
+    TryError {
+        message,
+        retryable: true,
+    }
+}
+
+struct Client {
+    url: Uri,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Client {
+    fn new(url: Uri) -> Client {
+        let tls = (url.scheme_str() == Some("https")).then(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+            match config {
+                Ok(c) => Some(tokio_rustls::TlsConnector::from(Arc::new(c))),
+                Err(e) => {
+                    warn!(error = %e, "webhook: TLS client not available");
+                    None
+                }
+            }
+        });
+        Client {
+            url,
+            tls: tls.flatten(),
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(), TryError> {
+        match tokio::time::timeout(TRY_TIMEOUT, self.exchange(body)).await {
+            Ok(r) => r,
+            Err(_) => Err(retry("timed out".into())),
+        }
+    }
+
+    async fn exchange(&self, body: Bytes) -> Result<(), TryError> {
+        let host = self.url.host().unwrap_or_default();
+        let https = self.url.scheme_str() == Some("https");
+        let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = TcpStream::connect((bare, port))
+            .await
+            .map_err(|e| retry(format!("connecting to {host}:{port}: {e}")))?;
+        let authority = self
+            .url
+            .authority()
+            .map_or_else(|| host.to_string(), |a| a.as_str().to_string());
+        let path = self.url.path_and_query().map_or("/", |p| p.as_str());
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| TryError {
+                message: format!("building the request: {e}"),
+                retryable: false,
+            })?;
+        let status = if https {
+            let connector = self.tls.as_ref().ok_or_else(|| TryError {
+                message: "no TLS client".into(),
+                retryable: false,
+            })?;
+            let name = ServerName::try_from(bare.to_string()).map_err(|e| TryError {
+                message: format!("{host} is not a TLS name: {e}"),
+                retryable: false,
+            })?;
+            let s = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| retry(format!("TLS with {host}: {e}")))?;
+            send(s, req).await?
+        } else {
+            send(tcp, req).await?
+        };
+        match status {
+            200..=299 => Ok(()),
+            429 | 500..=599 => Err(retry(format!("answered {status}"))),
+            _ => Err(TryError {
+                message: format!("answered {status}"),
+                retryable: false,
+            }),
+        }
+    }
+}
+
+async fn send<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<u16, TryError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| retry(format!("HTTP: {e}")))?;
+    let _conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| retry(format!("HTTP: {e}")))?;
+    let status = resp.status().as_u16();
+    // Drain a little of the answer so the connection ends cleanly; its content is unused.
+    let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await;
+    Ok(status)
+}

@@ -1,0 +1,677 @@
+//! The real `vigil control` over real TLS: enrolment from the CLI, signed heartbeats,
+//! every rejection, replays, restarts, kill -9 under load, and overdue hosts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use vigil::config::HeartbeatConfig;
+use vigil::config::types::{ByteSize, Duration as CfgDuration};
+use vigil::heartbeat::client::HeartbeatClient;
+use vigil::heartbeat::keys::HeartbeatKey;
+use vigil::heartbeat::sign::{self, SignedHeaders};
+
+use crate::util::{self, poll};
+
+/// A CA, a server certificate for 127.0.0.1, and a control config using them.
+struct Plane {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    addr: SocketAddr,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Plane {
+    fn new(extra: &str) -> Plane {
+        let dir = util::tempdir();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, "vigil test CA");
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().unwrap();
+        let config = dir.path().join("control.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[control]\nlisten = \"{addr}\"\ntls_cert = \"server.pem\"\n\
+                 tls_key = \"server.key\"\nstate_dir = \"state\"\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        Plane {
+            ca_der: ca.der().clone(),
+            dir,
+            config,
+            addr,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        util::vigil()
+            .arg("control")
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .env_remove("VIGIL_CONTROL_CONFIG")
+            .output()
+            .unwrap()
+    }
+
+    fn enroll(&self, host: &str, key: &HeartbeatKey) {
+        let out = self.cli(&[
+            "enroll",
+            "--host",
+            host,
+            "--pubkey",
+            &key.info().public_key_b64,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&self) -> Receiver {
+        let log = self.dir.path().join("control.log");
+        let child = util::vigil()
+            .arg("control")
+            .arg("-c")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut r = Receiver { child, log };
+        poll(Duration::from_secs(20), "vigil control to listen", || {
+            if let Ok(Some(st)) = r.child.try_wait() {
+                panic!("vigil control exited with {st}: {}", r.logs());
+            }
+            std::net::TcpStream::connect(self.addr).ok().map(|_| ())
+        });
+        r
+    }
+
+    fn client(&self) -> HeartbeatClient {
+        HeartbeatClient::new(&HeartbeatConfig {
+            url: format!("https://127.0.0.1:{}/v1/heartbeats", self.addr.port()),
+            interval: CfgDuration::from_secs(15),
+            key_file: PathBuf::new(),
+            ca_file: Some(self.dir.path().join("ca.pem")),
+            client_cert: None,
+            client_key: None,
+            spool_max: ByteSize(1 << 20),
+            max_backoff: CfgDuration::from_secs(1),
+            timeout: CfgDuration::from_secs(10),
+        })
+        .unwrap()
+    }
+
+    /// GET over TLS, trusting the test CA; the body parsed as JSON.
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", self.addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = if path == "/metrics" {
+            Value::String(String::from_utf8_lossy(&body).into_owned())
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&body)))
+        };
+        (status, v)
+    }
+
+    async fn host(&self, id: &str) -> Value {
+        let (code, v) = self.get(&format!("/v1/hosts/{id}")).await;
+        assert_eq!(code, 200, "{v}");
+        v
+    }
+}
+
+struct Receiver {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Receiver {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> Option<i32> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        poll(Duration::from_secs(20), "vigil control to exit", || {
+            self.child.try_wait().unwrap()
+        })
+        .code()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn key(n: u8) -> HeartbeatKey {
+    HeartbeatKey::from_signing_key(SigningKey::from_bytes(&[n; 32]))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn body(host: &str, seq: u64, state: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "v": 1, "host_id": host, "seq": seq, "state": state, "kernel": "6.1.0-18-amd64",
+        "image": {"id": "debian", "version": "12"}, "future_field": [1, 2],
+        "checks": [{"name": "root", "kind": "disk", "status": "ok"}],
+    }))
+    .unwrap()
+}
+
+fn signed(c: &HeartbeatClient, k: &HeartbeatKey, body: &[u8], created: u64) -> SignedHeaders {
+    sign::sign(k, "POST", c.target_uri(), "application/json", body, created).unwrap()
+}
+
+async fn post(c: &HeartbeatClient, k: &HeartbeatKey, body: &[u8]) -> (u16, Value) {
+    let h = signed(c, k, body, now());
+    post_with(c, body, &h).await
+}
+
+async fn post_with(c: &HeartbeatClient, body: &[u8], h: &SignedHeaders) -> (u16, Value) {
+    let r = c.post(body, h).await.unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_verified_and_every_forgery_or_replay_is_refused_with_nothing_stored() {
+    let plane = Plane::new("");
+    let k = key(1);
+    plane.enroll("db-1", &k);
+    let rx = plane.start();
+    let c = plane.client();
+
+    let (code, v) = post(&c, &k, &body("db-1", 1, "available")).await;
+    assert_eq!((code, &v), (200, &json!({"seq": 1})));
+    let h = plane.host("db-1").await;
+    assert_eq!(h["state"], "available");
+    assert_eq!(h["seq"], 1);
+    assert_eq!(
+        h["last_heartbeat"]["future_field"],
+        json!([1, 2]),
+        "kept as sent"
+    );
+
+    let b2 = body("db-1", 2, "available");
+    let good = signed(&c, &k, &b2, now());
+    let reason = |v: &Value| v["reason"].as_str().unwrap_or("").to_string();
+
+    // Signed by a key that is not enrolled.
+    let (code, v) = post(&c, &key(2), &b2).await;
+    assert_eq!((code, reason(&v).as_str()), (401, "unknown_key"), "{v}");
+    // Another key's signature under the enrolled key's keyid.
+    let mut forged = signed(&c, &key(2), &b2, now());
+    forged.signature_input = good.signature_input.clone();
+    let (code, v) = post_with(&c, &b2, &forged).await;
+    assert_eq!((code, reason(&v).as_str()), (401, "bad_signature"), "{v}");
+    // A tampered body under the original headers.
+    let tampered = body("db-1", 2, "unavailable");
+    let (code, v) = post_with(&c, &tampered, &good).await;
+    assert_eq!((code, reason(&v).as_str()), (401, "bad_digest"), "{v}");
+    // A Content-Digest recomputed for the tampered body: the signature covers it.
+    let mut redigested = good.clone();
+    redigested.content_digest = sign::content_digest(&tampered);
+    let (code, v) = post_with(&c, &tampered, &redigested).await;
+    assert_eq!((code, reason(&v).as_str()), (401, "bad_signature"), "{v}");
+    // A covered component left out of the signature.
+    let mut partial = good.clone();
+    partial.signature_input = good.signature_input.replace(" \"content-digest\"", "");
+    let (code, v) = post_with(&c, &b2, &partial).await;
+    assert_eq!(
+        (code, reason(&v).as_str()),
+        (401, "missing_component"),
+        "{v}"
+    );
+    // Created too far in the past and in the future.
+    for created in [now() - 600, now() + 600] {
+        let h = signed(&c, &k, &b2, created);
+        let (code, v) = post_with(&c, &b2, &h).await;
+        assert_eq!(
+            (code, reason(&v).as_str()),
+            (401, "created_out_of_window"),
+            "{v}"
+        );
+    }
+    // A host that is not enrolled.
+    let (code, v) = post(&c, &k, &body("db-9", 1, "available")).await;
+    assert_eq!((code, reason(&v).as_str()), (401, "unknown_host"), "{v}");
+    // Garbage and a huge body.
+    let (code, _) = post(&c, &k, b"not json").await;
+    assert_eq!(code, 400);
+    let big = vec![b' '; (1 << 20) + 1];
+    let (code, _) = post(&c, &k, &big).await;
+    assert_eq!(code, 413);
+    // None of the above was stored.
+    let h = plane.host("db-1").await;
+    assert_eq!(
+        (h["seq"].clone(), h["reported_state"].clone()),
+        (json!(1), json!("available"))
+    );
+    assert_eq!(plane.get("/v1/hosts/db-9").await.0, 404);
+
+    // The genuine request is accepted once; sent again it is a replay.
+    assert_eq!(post_with(&c, &b2, &good).await.0, 200);
+    let (code, v) = post_with(&c, &b2, &good).await;
+    assert_eq!((code, &v["last_seq"]), (409, &json!(2)), "{v}");
+    assert_eq!(reason(&v), "stale_seq");
+    let (code, v) = post(&c, &k, &body("db-1", 1, "available")).await;
+    assert_eq!((code, &v["last_seq"]), (409, &json!(2)));
+
+    let (_, m) = plane.get("/metrics").await;
+    let m = m.as_str().unwrap();
+    for needle in [
+        "vigil_control_heartbeats_accepted_total 2",
+        "vigil_control_heartbeats_rejected_total{reason=\"bad_digest\"} 1",
+        "vigil_control_heartbeats_rejected_total{reason=\"stale_seq\"} 2",
+        "vigil_control_heartbeats_rejected_total{reason=\"created_out_of_window\"} 2",
+        "vigil_control_verify_duration_seconds_count",
+    ] {
+        assert!(m.contains(needle), "{needle} missing:\n{m}");
+    }
+    util::assert_promtool_accepts(m);
+    assert_eq!(rx.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_and_revocation_take_effect_at_once_in_a_running_receiver() {
+    let plane = Plane::new("");
+    let rx = plane.start();
+    let c = plane.client();
+    let (old, new) = (key(1), key(2));
+    assert_eq!(post(&c, &old, &body("db-1", 1, "available")).await.0, 401);
+    plane.enroll("db-1", &old);
+    assert_eq!(post(&c, &old, &body("db-1", 1, "available")).await.0, 200);
+    // Rotation: a second key, then the first revoked.
+    plane.enroll("db-1", &new);
+    assert_eq!(post(&c, &new, &body("db-1", 2, "available")).await.0, 200);
+    let out = plane.cli(&["revoke", "--host", "db-1", "--key-id", &old.info().key_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, v) = post(&c, &old, &body("db-1", 3, "available")).await;
+    assert_eq!((code, &v["reason"]), (401, &json!("unknown_key")));
+    assert_eq!(post(&c, &new, &body("db-1", 3, "available")).await.0, 200);
+    // Revoking a key that is not there says so.
+    let out = plane.cli(&["revoke", "--host", "db-1", "--key-id", &old.info().key_id]);
+    assert_eq!(out.status.code(), Some(1));
+    // All keys revoked: not enrolled any more.
+    assert!(plane.cli(&["revoke", "--host", "db-1"]).status.success());
+    assert_eq!(plane.get("/v1/hosts/db-1").await.0, 404);
+    let (code, v) = post(&c, &new, &body("db-1", 4, "available")).await;
+    assert_eq!((code, &v["reason"]), (401, &json!("unknown_host")));
+    // Enrolled again, its seq history is still there: no replay of old heartbeats.
+    plane.enroll("db-1", &new);
+    assert_eq!(post(&c, &new, &body("db-1", 3, "available")).await.0, 409);
+    drop(rx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_restart_and_hosts_are_listed_and_filtered() {
+    let plane = Plane::new("overdue_after = \"1h\"\nretention = \"1h\"");
+    let k = key(1);
+    for h in ["db-1", "db-2", "db-3"] {
+        plane.enroll(h, &k);
+    }
+    let rx = plane.start();
+    let c = plane.client();
+    assert_eq!(post(&c, &k, &body("db-1", 10, "available")).await.0, 200);
+    assert_eq!(post(&c, &k, &body("db-2", 5, "unavailable")).await.0, 200);
+    assert_eq!(rx.stop(), Some(0));
+
+    let rx = plane.start();
+    let (_, all) = plane.get("/v1/hosts").await;
+    let ids: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["db-1", "db-2", "db-3"]);
+    assert_eq!(all[2]["state"], "uncertain", "never heard from");
+    assert_eq!(all[2]["last_seen"], Value::Null);
+    let (_, v) = plane.get("/v1/hosts?state=unavailable").await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["host_id"], "db-2");
+    let (_, v) = plane
+        .get("/v1/hosts?kernel=6.1.*&image=deb*&check_status=ok")
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let (_, v) = plane.get("/v1/hosts?check_status=critical").await;
+    assert_eq!(v.as_array().unwrap().len(), 0);
+    let (_, v) = plane.get("/v1/hosts?limit=1&after=db-1").await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["host_id"], "db-2");
+    assert_eq!(plane.get("/v1/hosts?state=asleep").await.0, 400);
+    assert_eq!(plane.get("/v1/hosts?kernel=[").await.0, 400);
+    // The seq check survived the restart.
+    let (code, v) = post(&c, &k, &body("db-1", 10, "available")).await;
+    assert_eq!((code, &v["last_seq"]), (409, &json!(10)));
+    assert_eq!(post(&c, &k, &body("db-1", 11, "available")).await.0, 200);
+
+    // The CLI reads the same store while the receiver runs.
+    let out = plane.cli(&["hosts", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["seq"], 11);
+    let out = plane.cli(&["hosts"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("HOST"), "{table}");
+    assert!(table.contains("db-3  uncertain"), "{table}");
+    drop(rx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_turns_uncertain_when_overdue_and_back_when_heartbeats_resume() {
+    let plane = Plane::new("overdue_after = \"2s\"");
+    let k = key(1);
+    plane.enroll("db-1", &k);
+    let rx = plane.start();
+    let c = plane.client();
+    // Taken before the POST: the receiver stamps the heartbeat when it reads the body,
+    // so the host cannot be overdue before `sent + overdue_after`.
+    let sent = Instant::now();
+    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
+    assert_eq!(plane.host("db-1").await["state"], "available");
+    let deadline = sent + Duration::from_secs(10);
+    loop {
+        let h = plane.host("db-1").await;
+        if h["state"] == "uncertain" {
+            assert_eq!(h["reported_state"], "available");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "uncertain too early"
+    );
+    // The metrics follow within a tracker round.
+    let t = Instant::now();
+    loop {
+        let (_, m) = plane.get("/metrics").await;
+        if m.as_str()
+            .unwrap()
+            .contains("vigil_control_hosts{state=\"uncertain\"} 1")
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(post(&c, &k, &body("db-1", 2, "available")).await.0, 200);
+    assert_eq!(plane.host("db-1").await["state"], "available");
+    drop(rx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_keeps_every_heartbeat_answered_200() {
+    let plane = Plane::new("");
+    let k = Arc::new(key(1));
+    let hosts: Vec<String> = (0..16).map(|i| format!("db-{i}")).collect();
+    for h in &hosts {
+        plane.enroll(h, &k);
+    }
+    let rx = plane.start();
+    let c = Arc::new(plane.client());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for h in hosts.clone() {
+        let (c, k, stop) = (c.clone(), k.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0u64;
+            let mut seq = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let b = body(&h, seq, "available");
+                let hdr = signed(&c, &k, &b, now());
+                match c.post(&b, &hdr).await {
+                    Ok(r) if r.status == 200 => acked = seq,
+                    // The receiver is gone: stop.
+                    _ => break,
+                }
+                seq += 1;
+            }
+            (h, acked)
+        }));
+    }
+    // Load until at least a few hundred heartbeats were acknowledged, then kill -9.
+    let t = Instant::now();
+    loop {
+        let (_, m) = plane.get("/metrics").await;
+        let accepted: u64 = m
+            .as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("vigil_control_heartbeats_accepted_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if accepted >= 300 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "only {accepted} accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rx.kill9();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for t in tasks {
+        let (h, a) = t.await.unwrap();
+        acked.insert(h, a);
+    }
+    let rx = plane.start();
+    for (h, a) in &acked {
+        assert!(*a > 0, "{h} got no 200");
+        let v = plane.host(h).await;
+        let stored = v["seq"].as_u64().unwrap_or(0);
+        assert!(
+            stored >= *a,
+            "{h}: answered 200 up to seq {a}, stored {stored}"
+        );
+        // At most the one in flight at the kill, never more.
+        assert!(stored <= a + 1, "{h}: stored {stored} beyond what was sent");
+    }
+    drop(rx);
+}
+
+#[test]
+fn an_invalid_config_exits_78_with_file_line_and_key() {
+    let dir = util::tempdir();
+    let path = dir.path().join("control.toml");
+    std::fs::write(&path, "[control]\nlisten = \"0.0.0.0:8443\"\n").unwrap();
+    let out = util::vigil()
+        .args(["control", "-c"])
+        .arg(&path)
+        .env_remove("VIGIL_CONTROL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "vigil: {}:2:1: control.listen: plain HTTP",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // $VIGIL_CONTROL_CONFIG is the default for -c.
+    let out = util::vigil()
+        .args(["control", "hosts"])
+        .env("VIGIL_CONTROL_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let out = util::vigil()
+        .args(["control", "enroll", "--host", "h", "--pubkey", "nope", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("vigil: --pubkey: "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_one_call_per_change_of_derived_state() {
+    use hyper::service::service_fn;
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let (tx, mut calls) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = hook.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let b = req.into_body().collect().await?.to_bytes();
+                        let _ = tx.send(serde_json::from_slice(&b).unwrap_or(Value::Null));
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let plane = Plane::new(&format!(
+        "overdue_after = \"2s\"\nwebhook = \"http://{hook_addr}/hook\""
+    ));
+    let k = key(1);
+    plane.enroll("db-1", &k);
+    let rx = plane.start();
+    // The tracker's first round learns "uncertain" (never heard from) without a call.
+    let t = Instant::now();
+    loop {
+        let (_, m) = plane.get("/metrics").await;
+        if m.as_str()
+            .unwrap()
+            .contains("vigil_control_hosts{state=\"uncertain\"} 1")
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = plane.client();
+    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
+    let first = next_call(&mut calls).await;
+    assert_eq!(
+        (&first["host_id"], &first["previous"], &first["state"]),
+        (&json!("db-1"), &json!("uncertain"), &json!("available"))
+    );
+    let second = next_call(&mut calls).await;
+    assert_eq!(
+        (
+            &second["previous"],
+            &second["state"],
+            &second["reported_state"]
+        ),
+        (
+            &json!("available"),
+            &json!("uncertain"),
+            &json!("available")
+        )
+    );
+    assert_eq!(second["seq"], 1);
+    // Nothing changes any more, so nothing more is called (three tracker rounds).
+    let more = tokio::time::timeout(Duration::from_secs(3), calls.recv()).await;
+    assert!(more.is_err(), "an extra call: {more:?}");
+    let (_, m) = plane.get("/metrics").await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("vigil_control_webhook_calls_total{result=\"ok\"} 2"),
+        "{m}"
+    );
+    drop(rx);
+}
+
+async fn next_call(calls: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), calls.recv())
+        .await
+        .expect("a webhook call")
+        .unwrap()
+}
