@@ -25,7 +25,13 @@ use vigil::state::{CheckView, Hysteresis, Snapshot};
 const URL: &str = "https://control.internal:8443/v1/heartbeats";
 
 fn snapshot(n: usize) -> Snapshot {
-    let kinds = ["disk", "process", "system", "postgres.replication", "backup.pgbackrest"];
+    let kinds = [
+        "disk",
+        "process",
+        "system",
+        "postgres.replication",
+        "backup.pgbackrest",
+    ];
     let checks = (0..n)
         .map(|i| {
             let mut v = CheckView::pending(
@@ -77,8 +83,15 @@ fn main() {
 
     let once = |seq: u64| {
         let body = Heartbeat::new(&identity, &labels, &snap, seq, SystemTime::now()).to_body();
-        let h = sign::sign(&key, "POST", URL, "application/json", &body, 1_750_000_000 + seq)
-            .expect("constant inputs sign");
+        let h = sign::sign(
+            &key,
+            "POST",
+            URL,
+            "application/json",
+            &body,
+            1_750_000_000 + seq,
+        )
+        .expect("constant inputs sign");
         (body, h)
     };
     for i in 0..200 {

@@ -13,6 +13,7 @@
 //! - [`pg`]: PostgreSQL sessions shared by the postgres kinds; [`runner`]: runs external
 //!   programs (backup tools) with a timeout, a cleared environment and bounded output;
 //! - [`pg`]: PostgreSQL sessions shared by the `postgres.*` checks (DSN, passfile, TLS);
+//! - [`remediation`]: pre-approved scripts run when a check trips: guard, guardrails, audit;
 //! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
 
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod lifecycle;
 pub mod pg;
+pub mod remediation;
 pub mod runner;
 pub mod scheduler;
 pub mod state;
