@@ -25,6 +25,7 @@ use crate::config::{self, Config};
 use crate::heartbeat::delivery;
 use crate::http::{self, ApiState};
 use crate::lifecycle;
+use crate::remediation::Engine;
 use crate::scheduler::Scheduler;
 use crate::state::{Shared, Snapshot};
 use crate::systemd;
@@ -193,9 +194,17 @@ pub async fn run(
         first_round_done: false,
     }));
     let shutdown = CancellationToken::new();
+    let cx = CheckContext::host();
+    let remediation =
+        Engine::open(Arc::new(config.clone()), shared.clone(), cx.clone()).map_err(|source| {
+            AgentError::StateDir {
+                path: config.agent.state_dir.join("audit"),
+                source,
+            }
+        })?;
     let mut scheduler = Scheduler::new(
         shared.clone(),
-        CheckContext::host(),
+        cx,
         config.agent.max_concurrent_checks,
         shutdown.child_token(),
     );
@@ -206,8 +215,11 @@ pub async fn run(
         shared: shared.clone(),
         state_dir: config.agent.state_dir.clone(),
         heartbeat: heartbeat_status.clone(),
+        remediation: Some(remediation.clone()),
     });
     let servers = tokio_util::task::TaskTracker::new();
+    // Started after the scheduler's first apply, so the first trips are seen as edges.
+    remediation.start(&servers, shutdown.child_token());
     servers.spawn(http::serve_tcp(
         tcp,
         api.clone(),
@@ -246,6 +258,7 @@ pub async fn run(
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 reload(&config_path, &mut config, &mut scheduler, &shared, level.as_ref());
+                remediation.apply(Arc::new(config.clone()));
                 let restart = heartbeat
                     .as_ref()
                     .map_or(config.heartbeat.is_some(), |h| h.differs(&config));

@@ -96,6 +96,33 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<ControlCommand>,
     },
+    /// Print the `sha256 = "..."` line that pins a remediation script.
+    Approve {
+        /// The script, as it is now (review it first).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Stop or restart automatic remediation (break glass).
+    Automation {
+        #[command(subcommand)]
+        command: AutomationCommand,
+    },
+    /// Run one approved remediation by hand, through every guardrail but the trigger.
+    Remediate {
+        /// The [remediation.NAME] to run.
+        name: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Record what would run, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's admin socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Create the Ed25519 heartbeat signing key (mode 0600) and print its public key and id.
     Keygen {
         /// Where to write the key (PKCS#8 PEM); an existing file is never replaced.
@@ -188,6 +215,41 @@ pub enum LifecycleCommand {
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
+}
+
+/// `vigil automation …`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum AutomationCommand {
+    /// Stop automatic remediation (until resumed, or for a while).
+    Pause {
+        /// Resume by itself after this long, e.g. "2h".
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration_arg)]
+        for_: Option<crate::config::types::Duration>,
+        /// Why (shown in /health and heartbeats).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's admin socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Restart automatic remediation; also clears escalations.
+    Resume {
+        /// Why (logged).
+        #[arg(long, default_value = "resumed by an operator")]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's admin socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<crate::config::types::Duration, String> {
+    crate::config::types::parse_duration(s)
 }
 
 /// A value in its unit, for people: `43.2%`, `12.0 MiB`, `3.2s`.

@@ -97,6 +97,21 @@ pub async fn request(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
+    request_within(target, method, path, body, REQUEST_TIMEOUT).await
+}
+
+/// Sends one request that may take up to `limit` (a manual remediation waits for the
+/// script and its verification).
+///
+/// # Errors
+/// As [`request`].
+pub async fn request_within(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    limit: Duration,
+) -> Result<(u16, Vec<u8>), ClientError> {
     let t = target.to_string();
     let fut = async {
         match target {
@@ -120,14 +135,12 @@ pub async fn request(
             }
         }
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ClientError::Http {
-                target: t.clone(),
-                message: format!("no answer within {REQUEST_TIMEOUT:?}"),
-            })
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(ClientError::Http {
+            target: t.clone(),
+            message: format!("no answer within {limit:?}"),
         })
+    })
 }
 
 async fn exchange<S>(

@@ -15,6 +15,7 @@
 //!   programs (backup tools) with a timeout, a cleared environment and bounded output;
 //! - [`heartbeat`]: signed heartbeats: keys, signing, the document, sequence, spool,
 //!   transport and the delivery loop; [`image`]: `vigil image prep`;
+//! - [`remediation`]: pre-approved scripts run when a check trips: guard, guardrails, audit;
 //! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod http;
 pub mod image;
 pub mod lifecycle;
 pub mod pg;
+pub mod remediation;
 pub mod runner;
 pub mod scheduler;
 pub mod state;

@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 
 use vigil::checks::{CheckContext, Status};
 use vigil::cli::{
-    self, Cli, Command, ConfigCommand, ControlCommand, ImageCommand, LifecycleCommand,
+    self, AutomationCommand, Cli, Command, ConfigCommand, ControlCommand, ImageCommand,
+    LifecycleCommand,
 };
 use vigil::client::{self, Target};
 use vigil::config::{self, Config, ConfigError};
@@ -40,6 +41,21 @@ fn main() -> ExitCode {
         } => image_prep(config.config.as_deref(), force),
         Command::Keygen { out, if_missing } => keygen(&out, if_missing),
         Command::Control { config, command } => control(config.config.as_deref(), command),
+        Command::Approve { file } => approve(&file),
+        Command::Automation { command } => automation(command),
+        Command::Remediate {
+            name,
+            reason,
+            dry_run,
+            config,
+            socket,
+        } => remediate(
+            config.config.as_deref(),
+            socket.as_deref(),
+            &name,
+            &reason,
+            dry_run,
+        ),
     })
 }
 
@@ -272,6 +288,22 @@ fn ask(
     path: &str,
     body: Option<Value>,
 ) -> Result<(u16, Value), u8> {
+    ask_within(
+        target,
+        method,
+        path,
+        body,
+        std::time::Duration::from_secs(5),
+    )
+}
+
+fn ask_within(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    limit: std::time::Duration,
+) -> Result<(u16, Value), u8> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -280,7 +312,7 @@ fn ask(
             exit::UNKNOWN
         })?;
     let body = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
-    match rt.block_on(client::request(target, method, path, body)) {
+    match rt.block_on(client::request_within(target, method, path, body, limit)) {
         Ok((code, bytes)) => match serde_json::from_slice(&bytes) {
             Ok(v) => Ok((code, v)),
             Err(_) => {
@@ -429,5 +461,152 @@ fn lifecycle(cmd: LifecycleCommand) -> u8 {
                 Err(code) => code,
             }
         }
+    }
+}
+
+/// `vigil approve FILE`: the line that pins the script as it is now.
+fn approve(file: &Path) -> u8 {
+    match vigil::remediation::guard::approve_line(file) {
+        Ok(line) => {
+            println!("{line}");
+            exit::OK
+        }
+        Err(e) => {
+            fail(format!("{}: {e}", file.display()));
+            exit::FAILURE
+        }
+    }
+}
+
+/// The admin socket from `--socket` or the config (never the read-only TCP listener: the
+/// mutating endpoints are not there).
+fn admin_target(flag: Option<&Path>, socket: Option<&Path>) -> Result<Target, u8> {
+    if let Some(s) = socket {
+        return Ok(Target::Socket(s.to_path_buf()));
+    }
+    match load(flag) {
+        Ok(cfg) => Ok(Target::Socket(cfg.api.admin_socket)),
+        Err(e) => {
+            config_error(&e);
+            Err(exit::UNKNOWN)
+        }
+    }
+}
+
+fn answer_error(target: &Target, code: u16, v: &Value) {
+    fail(format!(
+        "{target} answered {code}: {}",
+        v.get("error").and_then(Value::as_str).unwrap_or("refused")
+    ));
+}
+
+fn print_automation(v: &Value) {
+    let paused = v.get("paused").and_then(Value::as_bool).unwrap_or(false);
+    if paused {
+        let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
+        match v.get("until").and_then(Value::as_str) {
+            Some(u) => println!("automation: paused until {u} ({reason})"),
+            None => println!("automation: paused ({reason})"),
+        }
+    } else {
+        println!("automation: running");
+    }
+}
+
+/// `vigil automation pause|resume`.
+fn automation(cmd: AutomationCommand) -> u8 {
+    let (config, socket, path, body) = match cmd {
+        AutomationCommand::Pause {
+            for_,
+            reason,
+            config,
+            socket,
+        } => {
+            let mut body = json!({ "reason": reason });
+            if let Some(d) = for_ {
+                body["for"] = json!(d.to_string());
+            }
+            (config, socket, "/automation/pause", body)
+        }
+        AutomationCommand::Resume {
+            reason,
+            config,
+            socket,
+        } => (
+            config,
+            socket,
+            "/automation/resume",
+            json!({ "reason": reason }),
+        ),
+    };
+    let target = match admin_target(config.config.as_deref(), socket.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    match ask(&target, Method::POST, path, Some(body)) {
+        Ok((200, v)) => {
+            print_automation(&v);
+            exit::OK
+        }
+        Ok((code, v)) => {
+            answer_error(&target, code, &v);
+            exit::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// Exit code of `vigil remediate` when a guardrail refused the run.
+const REFUSED: u8 = 4;
+
+/// `vigil remediate NAME --reason TEXT [--dry-run]`: 0 ran and succeeded (or a dry run
+/// passed), 1 failed or timed out, 4 refused by a guardrail.
+fn remediate(
+    flag: Option<&Path>,
+    socket: Option<&Path>,
+    name: &str,
+    reason: &str,
+    dry_run: bool,
+) -> u8 {
+    let target = match admin_target(flag, socket) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    // The agent answers after the script and its verification; their limits are in the
+    // agent's config, so wait long and let the agent's timeout decide.
+    let limit = std::time::Duration::from_secs(24 * 3600);
+    let path = format!("/remediations/{name}/run");
+    let body = json!({ "reason": reason, "dry_run": dry_run });
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    match ask_within(&target, Method::POST, &path, Some(body), limit) {
+        Ok((200, v)) => {
+            let event = s(&v, "event");
+            let reason = s(&v, "reason");
+            println!(
+                "{name}: {event}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({reason})")
+                }
+            );
+            match event.as_str() {
+                "succeeded" | "verified" | "skipped" => exit::OK,
+                _ => exit::FAILURE,
+            }
+        }
+        Ok((423, v)) => {
+            fail(format!("{name}: refused: {}", s(&v, "reason")));
+            REFUSED
+        }
+        Ok((code, v)) => {
+            answer_error(&target, code, &v);
+            if code == 404 {
+                exit::FAILURE
+            } else {
+                exit::UNKNOWN
+            }
+        }
+        Err(code) => code,
     }
 }

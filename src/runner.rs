@@ -24,10 +24,18 @@
 //! The request and outcome are plain data (serde) so that the same exchange can cross
 //! the privileged `vigil runner`'s socket when `run_as` names another user; the
 //! in-process [`Runner`] switches user itself only when the agent runs as root. A switched
-//! program gets the user's uid and primary gid; supplementary groups are dropped (std
-//! offers no safe way to set them).
+//! program gets the user's uid, primary gid and supplementary groups (the `initgroups`
+//! list, computed before the fork).
+//!
+//! [`Runner::run_sealed`] runs a remediation: instead of `argv[0]` it executes a sealed
+//! memfd the guard filled with the approved bytes (`/proc/self/fd/N`, the fd handed to
+//! the child without close-on-exec so that a `#!` interpreter can open it too).
+//!
+//! The crate's only `unsafe` is here, in [`pre_exec`]: the code that runs in the child
+//! between fork and exec (clearing close-on-exec on the memfd, setgroups/setgid/setuid).
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
@@ -232,6 +240,19 @@ impl Runner {
     /// an invalid environment variable name), or its pipes failed; a program that ran and
     /// failed is an `Ok` outcome with its exit.
     pub async fn run(&self, req: &Request) -> Result<Outcome, RunError> {
+        self.run_program(req, None).await
+    }
+
+    /// Runs `req` like [`run`](Self::run), but executes the sealed memfd `exec` (the bytes
+    /// the guard verified) instead of looking up `argv[0]`, which only names it (`$0`).
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_sealed(&self, req: &Request, exec: &OwnedFd) -> Result<Outcome, RunError> {
+        self.run_program(req, Some(exec.as_raw_fd())).await
+    }
+
+    async fn run_program(&self, req: &Request, exec: Option<RawFd>) -> Result<Outcome, RunError> {
         let program = req.argv.first().ok_or(RunError::Empty)?.clone();
         let spawn_err = |source| RunError::Spawn {
             program: program.clone(),
@@ -247,7 +268,14 @@ impl Runner {
                 format!("invalid environment variable name {bad:?}"),
             )));
         }
-        let mut cmd = Command::new(&program);
+        let mut cmd = match exec {
+            Some(fd) => {
+                let mut c = Command::new(format!("/proc/self/fd/{fd}"));
+                c.arg0(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
         cmd.args(&req.argv[1..])
             .env_clear()
             .env("PATH", SAFE_PATH)
@@ -259,10 +287,12 @@ impl Runner {
             .process_group(0)
             // Covers the direct child only; `GroupGuard` covers the rest of the group.
             .kill_on_drop(true);
-        if let Some(user) = &req.run_as {
-            if let Some((uid, gid)) = resolve_user(user)? {
-                cmd.uid(uid).gid(gid);
-            }
+        let switch = match &req.run_as {
+            Some(user) => resolve_user(user)?,
+            None => None,
+        };
+        if exec.is_some() || switch.is_some() {
+            pre_exec(&mut cmd, exec, switch);
         }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(spawn_err)?;
@@ -430,9 +460,55 @@ impl<R: AsyncRead + Unpin> Capture<R> {
     }
 }
 
-/// `Some((uid, gid))` when the process must switch to `user`; `None` when it already is
+/// The identity a child switches to, resolved in the parent (NSS lookups allocate and
+/// take locks, which a forked child of a threaded process must not).
+#[derive(Debug, Clone)]
+struct Switch {
+    uid: Uid,
+    gid: nix::unistd::Gid,
+    groups: Vec<nix::unistd::Gid>,
+}
+
+/// Installs the code that runs in the child between fork and exec.
+///
+/// This is the crate's one `unsafe` block. `Command::pre_exec` is unsafe because the
+/// closure runs in a forked copy of a multi-threaded process, where only
+/// async-signal-safe operations are sound. The closure only makes raw system calls on
+/// values prepared before the fork: `fcntl(F_SETFD)` on an integer, `setgroups` on a
+/// slice allocated by the parent (nix passes its pointer straight to libc), `setgid`,
+/// `setuid`; and nix turns a failure into an `io::Error` from the errno alone (no
+/// allocation). No lock, no allocation, no unwinding happens in the child.
+///
+/// Order matters: groups and gid while still root, the uid last (after it, the others are
+/// no longer permitted). std applies `process_group(0)`, the working directory and the
+/// stdio redirections before this closure runs.
+#[allow(unsafe_code)]
+fn pre_exec(cmd: &mut Command, exec: Option<RawFd>, switch: Option<Switch>) {
+    let child_setup = move || -> io::Result<()> {
+        if let Some(fd) = exec {
+            // SAFETY: a plain fcntl on a descriptor number this process owns (the sealed
+            // memfd, kept open by the parent until the child was reaped).
+            let rc = unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) };
+            if rc == -1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(s) = &switch {
+            nix::unistd::setgroups(&s.groups)?;
+            nix::unistd::setgid(s.gid)?;
+            nix::unistd::setuid(s.uid)?;
+        }
+        Ok(())
+    };
+    // SAFETY: see the function's doc: the closure is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(child_setup);
+    }
+}
+
+/// `Some(switch)` when the process must switch to `user`; `None` when it already is
 /// that user.
-fn resolve_user(user: &str) -> Result<Option<(u32, u32)>, RunError> {
+fn resolve_user(user: &str) -> Result<Option<Switch>, RunError> {
     let err = |reason: String| RunError::User {
         user: user.to_string(),
         reason,
@@ -440,11 +516,17 @@ fn resolve_user(user: &str) -> Result<Option<(u32, u32)>, RunError> {
     let u = nix::unistd::User::from_name(user)
         .map_err(|e| err(format!("looking up the user: {e}")))?
         .ok_or_else(|| err("no such user".into()))?;
-    if switch_needed(u.uid, nix::unistd::geteuid()).map_err(err)? {
-        Ok(Some((u.uid.as_raw(), u.gid.as_raw())))
-    } else {
-        Ok(None)
+    if !switch_needed(u.uid, nix::unistd::geteuid()).map_err(err)? {
+        return Ok(None);
     }
+    let name = std::ffi::CString::new(user).map_err(|_| err("contains a NUL byte".into()))?;
+    let groups = nix::unistd::getgrouplist(&name, u.gid)
+        .map_err(|e| err(format!("listing the user's groups: {e}")))?;
+    Ok(Some(Switch {
+        uid: u.uid,
+        gid: u.gid,
+        groups,
+    }))
 }
 
 /// Whether a process running as `me` must (and can) switch to `target`: `Ok(false)` when

@@ -5,7 +5,9 @@
 //! 2. single values: the newtypes of [`types`] validate while deserializing;
 //! 3. relations between keys (names, threshold order, references): [`Config::validate`],
 //!    which collects every problem at once;
-//! 4. host-dependent facts (a disk check's path exists) for enabled checks only.
+//! 4. host-dependent facts (a disk check's path exists; a remediation's script is inside
+//!    `[automation].dir`, safe and unchanged, its `run_as` reachable) for enabled checks
+//!    and remediations only.
 //!
 //! Every struct denies unknown keys, so a typo is an error, never silently ignored.
 //! Relative paths are resolved against the config file's directory.
@@ -530,7 +532,7 @@ impl Config {
                     ),
                 );
             }
-            if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !crate::remediation::guard::is_well_formed(&r.sha256) {
                 add(
                     &key("sha256"),
                     "must be 64 hex digits (print it with `vigil approve FILE`)".into(),
@@ -541,6 +543,21 @@ impl Config {
             }
             if r.timeout.get().is_zero() {
                 add(&key("timeout"), "must be greater than zero".into());
+            }
+            if r.per.get().is_zero() {
+                add(&key("per"), "must be greater than zero".into());
+            }
+            // Host-dependent facts for enabled remediations only, as for checks: the
+            // script is where it must be, unchanged since approval, and `run_as` is a user
+            // this agent can become.
+            if r.enabled != Some(false) {
+                for (leaf, msg) in crate::remediation::guard::check_at_load(
+                    &self.automation.dir,
+                    r,
+                    nix::unistd::geteuid().as_raw(),
+                ) {
+                    add(&key(leaf), msg);
+                }
             }
         }
         if let Some(h) = &self.heartbeat {

@@ -15,6 +15,9 @@
 //!
 //! Agent: `vigil_build_info{version}` (always 1), `vigil_host_state{state}` (1 for the
 //! reported state), `vigil_config_last_reload_successful`.
+//!
+//! Remediation: `vigil_automation_paused`, `vigil_remediation_escalated{remediation}`,
+//! `vigil_remediation_runs_total{remediation,outcome}`.
 
 use std::collections::BTreeMap;
 use std::time::UNIX_EPOCH;
@@ -24,6 +27,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric as PMetric, MetricFami
 use crate::checks::MetricKind;
 use crate::heartbeat::delivery::{DROP_REASONS, FAILURE_REASONS, StatusView};
 use crate::lifecycle::HostState;
+use crate::remediation::View;
 use crate::state::Snapshot;
 
 const ALL_STATES: [HostState; 10] = [
@@ -94,7 +98,7 @@ impl Families {
 }
 
 /// Renders the snapshot as Prometheus text format 0.0.4.
-pub fn render(snap: &Snapshot, heartbeat: &StatusView) -> String {
+pub fn render(snap: &Snapshot, heartbeat: &StatusView, automation: Option<&View>) -> String {
     let mut f = Families::default();
     use MetricKind::{Counter as C, Gauge as G};
 
@@ -202,6 +206,9 @@ pub fn render(snap: &Snapshot, heartbeat: &StatusView) -> String {
     if heartbeat.enabled {
         heartbeat_families(&mut f, heartbeat);
     }
+    if let Some(a) = automation {
+        automation_families(&mut f, a);
+    }
 
     let families: Vec<MetricFamily> = f.map.into_values().collect();
     let mut out = String::with_capacity(4096);
@@ -209,6 +216,54 @@ pub fn render(snap: &Snapshot, heartbeat: &StatusView) -> String {
     // checks, so this cannot fail; an empty answer would still be valid exposition.
     let _ = prometheus::TextEncoder::new().encode_utf8(&families, &mut out);
     out
+}
+
+/// The outcomes `vigil_remediation_runs_total` exports for every remediation.
+const OUTCOMES: [&str; 8] = [
+    "succeeded",
+    "failed",
+    "timed_out",
+    "verified",
+    "not_verified",
+    "refused",
+    "skipped",
+    "escalated",
+];
+
+/// Remediation: the pause, escalations, and decisions by outcome (every configured
+/// remediation and outcome from the start, 0 until it happens).
+fn automation_families(f: &mut Families, a: &View) {
+    use MetricKind::{Counter as C, Gauge as G};
+    f.add(
+        "vigil_automation_paused",
+        "1 while automatic remediation is paused (vigil automation pause).",
+        G,
+        &[],
+        f64::from(u8::from(a.paused)),
+    );
+    for name in &a.names {
+        f.add(
+            "vigil_remediation_escalated",
+            "1 while the remediation is escalated: disabled until automation is resumed.",
+            G,
+            &[("remediation", name)],
+            f64::from(u8::from(a.escalated.contains(name))),
+        );
+        for outcome in OUTCOMES {
+            let n = a
+                .events
+                .iter()
+                .find(|(r, e, _)| r == name && *e == outcome)
+                .map_or(0, |(_, _, n)| *n);
+            f.add(
+                "vigil_remediation_runs_total",
+                "Remediation decisions by outcome since the agent started.",
+                C,
+                &[("remediation", name), ("outcome", outcome)],
+                n as f64,
+            );
+        }
+    }
 }
 
 /// Heartbeat delivery: present only when `[heartbeat]` is configured. Every reason is
@@ -334,7 +389,7 @@ mod tests {
             config_error: None,
             first_round_done: true,
         };
-        let out = render(&snap, &StatusView::default());
+        let out = render(&snap, &StatusView::default(), None);
         let expected = include_str!("../../tests/fixtures/metrics.golden.txt")
             .replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(out, expected, "\n{out}");

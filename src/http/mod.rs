@@ -12,7 +12,13 @@
 //!   (see [`routing`]).
 //!
 //! Admin socket only, from a peer whose uid (SO_PEERCRED) is root or the agent's own:
-//! - `POST /lifecycle` `{"state","reason"}`.
+//! - `POST /lifecycle` `{"state","reason"}`;
+//! - `POST /automation/pause` `{"reason","for"?}`, `POST /automation/resume` `{"reason"?}`;
+//! - `POST /remediations/NAME/run` `{"reason","dry_run"?}` (and `POST /remediate` with
+//!   `"name"` in the body): waits for the run's outcome.
+//!
+//! `GET /remediations` (both listeners): the audit records, newest first; stdout and
+//! stderr only on the admin socket.
 //!
 //! TCP peers outside `[api].allow` get 403; methods other than GET/HEAD/OPTIONS get 405.
 //! Each listener caps concurrent connections and bounds how long a client may take to send
@@ -89,6 +95,12 @@ async fn dispatch(api: &ApiState, access: Access, req: Request<Incoming>) -> rou
     } else {
         Bytes::new()
     };
+    if access == Access::Admin
+        && parts.method == hyper::Method::POST
+        && routes::is_run_path(parts.uri.path())
+    {
+        return routes::run(api, parts.uri.path(), &body).await;
+    }
     routes::handle(
         api,
         access,

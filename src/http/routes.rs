@@ -22,6 +22,7 @@ use super::routing::{self, Want};
 use crate::checks::Status;
 use crate::heartbeat::delivery::{self, StatusView};
 use crate::lifecycle::{self, HostState, Lifecycle, LifecycleError};
+use crate::remediation::{Event, ManualError, View, audit};
 use crate::state::{CheckView, Shared, Snapshot};
 
 /// What a listener lets its peers do.
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub state_dir: PathBuf,
     /// Heartbeat delivery, for `/health` and `/metrics`.
     pub heartbeat: Arc<delivery::Status>,
+    /// The remediation engine (`None` in tests of the read endpoints alone).
+    pub remediation: Option<crate::remediation::Engine>,
 }
 
 /// The response type of every handler.
@@ -101,7 +104,12 @@ pub fn handle(
         return r;
     }
     let snap = api.shared.load();
-    let mut resp = handle_get(&snap, &api.heartbeat, path, query);
+    let mut resp = if path == "/remediations" {
+        remediations(api, access)
+    } else {
+        let automation = api.remediation.as_ref().map(|e| e.view());
+        handle_get(&snap, &api.heartbeat, automation.as_ref(), path, query)
+    };
     if *method != Method::GET {
         *resp.body_mut() = Full::new(Bytes::new());
     }
@@ -111,6 +119,7 @@ pub fn handle(
 fn handle_get(
     snap: &Snapshot,
     heartbeat: &delivery::Status,
+    automation: Option<&View>,
     path: &str,
     query: Option<&str>,
 ) -> Resp {
@@ -121,7 +130,7 @@ fn handle_get(
         }
         "/replica" => routing::answer(snap, Want::Replica, query, now),
         "/read-only" => routing::answer(snap, Want::ReadOnly, query, now),
-        "/health" => health(snap, &heartbeat.view(), now),
+        "/health" => health(snap, &heartbeat.view(), automation, now),
         "/health/live" | "/liveness" => liveness(snap, now),
         "/heartbeat" => json_resp(StatusCode::OK, &heartbeat_json(&heartbeat.view())),
         "/checks" => {
@@ -131,7 +140,7 @@ fn handle_get(
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics::render(snap, &heartbeat.view()),
+            metrics::render(snap, &heartbeat.view(), automation),
         ),
         p => match p.strip_prefix("/checks/").and_then(|n| snap.check(n)) {
             Some(c) => json_resp(StatusCode::OK, &check_json(c)),
@@ -171,8 +180,37 @@ pub fn check_json(c: &CheckView) -> Value {
     })
 }
 
+/// The `automation` block of `/health`.
+pub fn automation_json(v: Option<&View>) -> Value {
+    match v {
+        Some(v) => json!({
+            "paused": v.paused,
+            "reason": v.reason,
+            "until": rfc3339(v.until),
+            "escalated": v.escalated,
+        }),
+        None => json!({ "paused": false, "reason": null, "until": null, "escalated": [] }),
+    }
+}
+
+/// `GET /remediations`: the audit records, newest first; stdout/stderr on the admin socket
+/// only.
+fn remediations(api: &ApiState, access: Access) -> Resp {
+    let records = api
+        .remediation
+        .as_ref()
+        .map(|e| e.records(audit::RECENT_MAX, access == Access::Admin))
+        .unwrap_or_default();
+    json_resp(StatusCode::OK, &Value::Array(records))
+}
+
 /// The `/health` document (also what `vigil status` prints).
-pub fn health_json(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Value {
+pub fn health_json(
+    snap: &Snapshot,
+    heartbeat: &StatusView,
+    automation: Option<&View>,
+    now: Instant,
+) -> Value {
     let mut counts = serde_json::Map::new();
     for s in [
         Status::Ok,
@@ -200,7 +238,7 @@ pub fn health_json(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Val
         "counts": counts,
         "tripped": tripped,
         "stale": !snap.stale(now).is_empty(),
-        "automation": { "paused": false, "reason": null, "until": null, "escalated": [] },
+        "automation": automation_json(automation),
         "heartbeat": {
             "last_success": rfc3339(heartbeat.last_success),
             "spooled": heartbeat.spooled + heartbeat.pending,
@@ -227,8 +265,13 @@ pub fn heartbeat_json(hb: &StatusView) -> Value {
     })
 }
 
-fn health(snap: &Snapshot, heartbeat: &StatusView, now: Instant) -> Resp {
-    let mut v = health_json(snap, heartbeat, now);
+fn health(
+    snap: &Snapshot,
+    heartbeat: &StatusView,
+    automation: Option<&View>,
+    now: Instant,
+) -> Resp {
+    let mut v = health_json(snap, heartbeat, automation, now);
     let stale = snap.stale(now);
     let (code, reason, message) = if !snap.first_round_done {
         (
@@ -287,11 +330,185 @@ struct LifecycleRequest {
 fn handle_post(api: &ApiState, path: &str, body: &[u8]) -> Resp {
     match path {
         "/lifecycle" => set_lifecycle(api, body),
+        "/automation/pause" => pause(api, body),
+        "/automation/resume" => resume(api, body),
         _ => error(
             StatusCode::NOT_FOUND,
             "no such endpoint",
             "not_found",
             json!({ "path": path }),
+        ),
+    }
+}
+
+fn bad_request(msg: &str) -> Resp {
+    error(StatusCode::BAD_REQUEST, msg, "bad_request", json!({}))
+}
+
+fn no_engine() -> Resp {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "remediation is not running",
+        "unavailable",
+        json!({}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseRequest {
+    reason: String,
+    #[serde(default, rename = "for")]
+    for_: Option<String>,
+}
+
+fn pause(api: &ApiState, body: &[u8]) -> Resp {
+    let req: PauseRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("invalid body: {e}")),
+    };
+    if req.reason.trim().is_empty() {
+        return bad_request("a reason is required");
+    }
+    let duration = match req
+        .for_
+        .as_deref()
+        .map(crate::config::types::parse_duration)
+    {
+        None => None,
+        Some(Ok(d)) if !d.get().is_zero() => Some(d.get()),
+        Some(Ok(_)) => return bad_request("`for` must be greater than zero"),
+        Some(Err(e)) => return bad_request(&e),
+    };
+    let Some(engine) = api.remediation.as_ref() else {
+        return no_engine();
+    };
+    match engine.pause(&req.reason, duration) {
+        Ok(v) => json_ok(&automation_json(Some(&v))),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("pause not persisted: {e}"),
+            "persist",
+            json!({}),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn resume(api: &ApiState, body: &[u8]) -> Resp {
+    // An empty body is a resume without a reason.
+    let req: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeRequest { reason: None }
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&format!("invalid body: {e}")),
+        }
+    };
+    let Some(engine) = api.remediation.as_ref() else {
+        return no_engine();
+    };
+    match engine.resume(req.reason.as_deref().unwrap_or("resumed by an operator")) {
+        Ok(v) => json_ok(&automation_json(Some(&v))),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("resume not persisted: {e}"),
+            "persist",
+            json!({}),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRequest {
+    /// Only in `POST /remediate`; the contract's path names it.
+    #[serde(default)]
+    name: Option<String>,
+    reason: String,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Whether `path` is a manual run, which waits for the outcome (async, see [`run`]).
+pub fn is_run_path(path: &str) -> bool {
+    path == "/remediate"
+        || path
+            .strip_prefix("/remediations/")
+            .and_then(|r| r.strip_suffix("/run"))
+            .is_some_and(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// `POST /remediations/NAME/run` `{"reason","dry_run"}` (also `POST /remediate`
+/// `{"name","reason","dry_run"}`): runs one remediation through every guardrail and
+/// answers with its final audit record: 200 when it ran (or a requested dry run passed),
+/// 423 when a guardrail refused it, 404 for an unknown name.
+pub async fn run(api: &ApiState, path: &str, body: &[u8]) -> Resp {
+    let req: RunRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("invalid body: {e}")),
+    };
+    let name = match (path, req.name) {
+        ("/remediate", Some(n)) => n,
+        ("/remediate", None) => return bad_request("`name` is required"),
+        (_, Some(_)) => return bad_request("`name` is given by the path"),
+        (p, None) => p
+            .trim_start_matches("/remediations/")
+            .trim_end_matches("/run")
+            .to_string(),
+    };
+    if req.reason.trim().is_empty() {
+        return bad_request("a reason is required");
+    }
+    let Some(engine) = api.remediation.as_ref() else {
+        return no_engine();
+    };
+    match engine.run_manual(&name, &req.reason, req.dry_run).await {
+        Ok(rec) => {
+            let v = serde_json::to_value(&rec).unwrap_or(Value::Null);
+            let refused = match rec.event {
+                Event::Refused => true,
+                // A requested dry run that passed every guardrail is what was asked for.
+                Event::Skipped => {
+                    !(req.dry_run
+                        && rec
+                            .reason
+                            .as_deref()
+                            .is_some_and(|r| r.starts_with("dry_run")))
+                }
+                _ => false,
+            };
+            if refused {
+                error(
+                    StatusCode::LOCKED,
+                    &format!(
+                        "refused by a guardrail: {}",
+                        rec.reason.as_deref().unwrap_or("")
+                    ),
+                    rec.reason.as_deref().unwrap_or("refused"),
+                    json!({ "record": v }),
+                )
+            } else {
+                json_ok(&v)
+            }
+        }
+        Err(ManualError::Unknown) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no remediation named {name:?}"),
+            "not_found",
+            json!({}),
+        ),
+        Err(ManualError::Stopped) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping",
+            "stopping",
+            json!({}),
         ),
     }
 }
@@ -402,6 +619,7 @@ mod tests {
                 shared: Arc::new(Shared::new(snap)),
                 state_dir: dir.path().to_path_buf(),
                 heartbeat: Arc::new(delivery::Status::new(false)),
+                remediation: None,
             },
             dir,
         )

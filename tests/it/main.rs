@@ -35,6 +35,8 @@ mod process;
 mod receiver;
 /// SIGHUP reload: checks added and removed; an invalid config refused.
 mod reload;
+/// Remediation: trip → run → verify, the guard, guardrails, break glass, audit.
+mod remediation;
 /// The program runner: process groups, timeouts, bounded output, cleared environment.
 mod runner;
 /// Heartbeat keys (`vigil keygen`) and RFC 9421 signatures checked by another implementation.
