@@ -235,7 +235,12 @@ pub async fn run(
     ));
     servers.close();
     info!(listen = %config.api.listen, admin_socket = %config.api.admin_socket.display(), checks = shared.load().checks.len(), "agent started");
-    let mut heartbeat = delivery::Handle::start(&config, shared.clone(), heartbeat_status.clone());
+    let mut heartbeat = delivery::Handle::start(
+        &config,
+        shared.clone(),
+        heartbeat_status.clone(),
+        Some(remediation.clone()),
+    );
     if heartbeat.is_none() {
         info!("no [heartbeat] configured: no heartbeats are sent");
     }
@@ -267,7 +272,12 @@ pub async fn run(
                         h.stop(false).await;
                     }
                     heartbeat_status.set_enabled(config.heartbeat.is_some());
-                    heartbeat = delivery::Handle::start(&config, shared.clone(), heartbeat_status.clone());
+                    heartbeat = delivery::Handle::start(
+                        &config,
+                        shared.clone(),
+                        heartbeat_status.clone(),
+                        Some(remediation.clone()),
+                    );
                     info!(enabled = heartbeat.is_some(), "heartbeat settings changed; delivery restarted");
                 }
                 let s = summary(&shared.load());

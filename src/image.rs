@@ -1,7 +1,8 @@
 //! `vigil image prep`: removes host-unique state before a machine image is snapshotted, so
 //! every host booted from the image gets its own identity: its own key (made on first
 //! boot, e.g. `vigil keygen --if-missing` in `ExecStartPre`), its own `seq`, an empty
-//! spool and audit, and the config's `initial_lifecycle`.
+//! spool and audit log, no cooldowns, budgets or pause, and the config's
+//! `initial_lifecycle`.
 //!
 //! Only names vigil itself writes are removed ([`STATE_ENTRIES`] in `state_dir`, plus the
 //! configured key file), never "everything in the directory": a `state_dir` pointed at a
@@ -22,6 +23,8 @@ pub const STATE_ENTRIES: &[&str] = &[
     crate::heartbeat::seq::FILE_NAME,
     "spool",
     "lifecycle.json",
+    crate::remediation::state::FILE,
+    "audit",
     "heartbeat.key",
     ".write-probe",
 ];

@@ -67,6 +67,7 @@ use super::sign;
 use super::spool::{Spool, SpoolError, SpoolStats};
 use crate::config::{Config, HeartbeatConfig};
 use crate::lifecycle::{HostState, Lifecycle};
+use crate::remediation::Engine;
 use crate::state::{Shared, Snapshot};
 
 /// Most bytes of heartbeats held in memory while the spool cannot take them.
@@ -229,10 +230,18 @@ pub struct Handle {
 
 impl Handle {
     /// Starts delivery for `config` (which has `[heartbeat]`), reporting into `status`.
-    pub fn start(config: &Config, shared: Arc<Shared>, status: Arc<Status>) -> Option<Handle> {
+    /// `remediation`, when given, supplies the `automation` block and the audit records
+    /// each heartbeat carries.
+    pub fn start(
+        config: &Config,
+        shared: Arc<Shared>,
+        status: Arc<Status>,
+        remediation: Option<Engine>,
+    ) -> Option<Handle> {
         let hb = config.heartbeat.clone()?;
         let (stop, stop_rx) = watch::channel(Stop::Run);
-        let delivery = Delivery::new(config, hb.clone(), shared, status);
+        let mut delivery = Delivery::new(config, hb.clone(), shared, status);
+        delivery.remediation = remediation;
         let task = tokio::spawn(delivery.run(stop_rx));
         Some(Handle {
             stop,
@@ -305,6 +314,12 @@ struct Delivery {
     last_key: Option<StateKey>,
     /// When setup last tried to load a missing piece.
     setup_tried: Option<Instant>,
+    /// Where the `automation` block and audit records come from.
+    remediation: Option<Engine>,
+    /// For each heartbeat made but not yet delivered or spooled: the number (`n`) of the
+    /// last audit record it carries. Once that heartbeat is safe (delivered, or durable in
+    /// the spool), the audit log may stop offering those records.
+    carried_audit: BTreeMap<u64, u64>,
 }
 
 impl Delivery {
@@ -334,6 +349,8 @@ impl Delivery {
             retry_at: None,
             last_key: None,
             setup_tried: None,
+            remediation: None,
+            carried_audit: BTreeMap::new(),
         }
     }
 
@@ -560,13 +577,46 @@ impl Delivery {
                 return false;
             }
         };
-        let body = Heartbeat::new(identity, &self.labels, snap, seq, SystemTime::now()).to_body();
+        let (automation, records) = match &self.remediation {
+            Some(engine) => (
+                engine.automation(),
+                engine.undelivered(super::document::MAX_REMEDIATIONS),
+            ),
+            None => (Default::default(), Vec::new()),
+        };
+        let doc = Heartbeat::new(identity, &self.labels, snap, seq, SystemTime::now())
+            .with_automation(automation)
+            .with_remediations(&records);
+        let carried = doc.remediations_carried();
+        let body = doc.to_body();
+        if let Some(n) = carried
+            .checked_sub(1)
+            .and_then(|i| records.get(i))
+            .and_then(|r| r.get("n"))
+            .and_then(serde_json::Value::as_u64)
+        {
+            self.carried_audit.insert(seq, n);
+        }
         self.last_key = Some(state_key(snap));
         self.status.update(|v| v.seq = Some(seq));
         self.memory_bytes += body.len();
         self.memory.push_back((seq, body));
         self.trim_memory();
         true
+    }
+
+    /// Heartbeats up to `up_to_seq` are delivered or spooled: tell the audit log that the
+    /// records they carry need not be offered again (at least once: a crash before this
+    /// only makes the next heartbeat carry them again, and `n` identifies duplicates).
+    async fn audit_safe(&mut self, up_to_seq: u64) {
+        let rest = self.carried_audit.split_off(&up_to_seq.saturating_add(1));
+        let done = std::mem::replace(&mut self.carried_audit, rest);
+        let (Some(n), Some(engine)) = (done.values().max().copied(), self.remediation.clone())
+        else {
+            return;
+        };
+        // It writes the cursor with an fsync: keep that off the async workers.
+        blocking(move || engine.mark_delivered(n)).await;
     }
 
     /// Drops the oldest heartbeats held in memory beyond [`MEMORY_MAX_BYTES`].
@@ -659,6 +709,10 @@ impl Delivery {
             self.memory_bytes += body.len();
             self.memory.push_back((seq, body));
         }
+        // Everything older than what is still in memory is in the spool now (or was given
+        // up): the audit records it carries are safe.
+        let safe_below = self.memory.front().map_or(u64::MAX, |(seq, _)| *seq);
+        self.audit_safe(safe_below.saturating_sub(1)).await;
         match failure {
             Some(e) => {
                 let hint = if e.is_disk_full() {
@@ -713,6 +767,7 @@ impl Delivery {
                 Verdict::Done => {
                     let waiting = self.waiting();
                     self.status.update(|v| v.pending = waiting);
+                    self.audit_safe(seq).await;
                 }
                 Verdict::Retry | Verdict::Interrupted => {
                     self.memory_bytes += body.len();

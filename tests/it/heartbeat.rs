@@ -1369,3 +1369,118 @@ fn sigterm_during_an_outage_spools_the_last_heartbeat_for_the_next_start() {
     assert_eq!(&acc[..kept.len()], &kept[..], "the spool first, in order");
     assert_strictly_increasing(&acc, "accepted");
 }
+
+/// Heartbeats carry the automation state and the audit records not yet delivered: a
+/// manual remediation run shows up in the next heartbeat with its `n`, a pause shows as
+/// `automation.paused`, and after a restart records already delivered are not sent again.
+#[test]
+fn heartbeats_carry_automation_and_each_audit_record_once() {
+    let dir = tempdir();
+    let rd = dir.path().join("remediations.d");
+    std::fs::create_dir_all(&rd).unwrap();
+    std::fs::set_permissions(&rd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = rd.join("noop.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let approved = run(&["approve", script.to_str().unwrap()]);
+    assert_eq!(approved.status.code(), Some(0));
+    let pin = String::from_utf8(approved.stdout).unwrap();
+
+    let rx = Receiver::http(None);
+    let cfg = config(dir.path(), &rx, "interval = \"200ms\"\n");
+    let text = std::fs::read_to_string(&cfg.path).unwrap();
+    std::fs::write(
+        &cfg.path,
+        format!(
+            "{text}\n[automation]\ndir = {:?}\n\n[remediation.noop]\nscript = {:?}\n{pin}\n",
+            rd.display().to_string(),
+            script.display().to_string()
+        ),
+    )
+    .unwrap();
+    rx.set_public_key(enrol(&cfg));
+    let agent = Agent::start(&cfg);
+
+    let carried = |rx: &Receiver| -> Vec<(u64, Value)> {
+        rx.accepted()
+            .iter()
+            .flat_map(|r| {
+                let b = body_json(r);
+                b["remediations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|rec| (r.seq.unwrap(), rec.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    let out = run(&[
+        "remediate",
+        "noop",
+        "--reason",
+        "it",
+        "--socket",
+        cfg.socket.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    let first = wait(
+        "the run's audit records in a heartbeat",
+        &rx,
+        &agent,
+        || {
+            let c = carried(&rx);
+            c.iter()
+                .any(|(_, r)| r["remediation"] == "noop" && r["event"] == "succeeded")
+                .then_some(c)
+        },
+    );
+    for (_, r) in &first {
+        assert!(
+            r["n"].as_u64().is_some(),
+            "every record has its number: {r}"
+        );
+        assert_eq!(r["remediation"], "noop", "{r}");
+    }
+
+    let out = run(&[
+        "automation",
+        "pause",
+        "--reason",
+        "maintenance window",
+        "--socket",
+        cfg.socket.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    wait("automation.paused in a heartbeat", &rx, &agent, || {
+        rx.accepted().iter().rev().find_map(|r| {
+            let a = &body_json(r)["automation"];
+            (a["paused"] == true && a["reason"] == "maintenance window").then_some(())
+        })
+    });
+
+    // Settle, then restart: the records delivered before are not carried again.
+    std::thread::sleep(Duration::from_millis(600));
+    let before: BTreeSet<u64> = carried(&rx)
+        .iter()
+        .map(|(_, r)| r["n"].as_u64().unwrap())
+        .collect();
+    let last_seq = *rx.accepted_seqs().last().unwrap();
+    assert_eq!(agent.stop(), Some(0));
+    let agent = Agent::start(&cfg);
+    wait("heartbeats after the restart", &rx, &agent, || {
+        (rx.accepted_seqs().iter().filter(|s| **s > last_seq).count() >= 3).then_some(())
+    });
+    let again: Vec<u64> = carried(&rx)
+        .iter()
+        .filter(|(seq, _)| *seq > last_seq + 1)
+        .map(|(_, r)| r["n"].as_u64().unwrap())
+        .filter(|n| before.contains(n))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "records carried again after a restart: {again:?}"
+    );
+    drop(agent);
+}
