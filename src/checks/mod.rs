@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::types::{Duration, ThresholdValue};
 
 pub mod backup;
+pub mod command;
 pub mod disk;
+pub mod perfdata;
 pub mod postgres;
 pub mod process;
 pub mod system;
@@ -109,6 +111,8 @@ pub enum Unit {
     Load,
     /// 0 or 1.
     Boolean,
+    /// A Nagios status code a plugin exited with: 0 ok, 1 warning, 2 critical, 3 unknown.
+    Status,
 }
 
 impl Unit {
@@ -121,6 +125,7 @@ impl Unit {
             Unit::Count => "count",
             Unit::Load => "load",
             Unit::Boolean => "boolean",
+            Unit::Status => "status",
         }
     }
 }
@@ -589,6 +594,17 @@ pub const KINDS: &[KindInfo] = &[
         default_interval: Some(StdDuration::from_secs(60)),
         default_timeout: None,
     },
+    KindInfo {
+        name: "command",
+        summary: "a Nagios-convention plugin: exit code is the status, perfdata become metrics",
+        unit: Unit::Status,
+        // Unused: the plugin decides the status, and `warn`/`crit` are refused.
+        direction: Direction::HigherIsWorse,
+        // Plugins are written for Nagios's minutes-long cadence, and many start an
+        // interpreter (check_postgres is Perl): every 10 seconds would cost real CPU.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
 ];
 
 /// Looks a kind up by name.
@@ -618,6 +634,9 @@ pub struct ChecksConfig {
     /// `[check.postgres.KIND.NAME]`
     #[serde(default)]
     pub postgres: PostgresChecks,
+    /// `[check.command.NAME]`
+    #[serde(default)]
+    pub command: IndexMap<String, command::CommandConfig>,
 }
 
 /// The `[check.backup]` table: one map per `backup.*` kind.
@@ -796,6 +815,7 @@ registry! {
         backup.barman;
     BackupFiles => "backup.files", backup::files::FilesConfig, backup::files::FilesCheck,
         backup.files;
+    Command => "command", command::CommandConfig, command::CommandCheck, command;
 }
 
 impl CheckSpec<'_> {
@@ -831,6 +851,7 @@ mod tests {
             "backup.pgbackrest" => "stanza = \"main\"",
             "backup.barman" => "server = \"main\"",
             "backup.files" => "glob = \"/x/*\"",
+            "command" => "command = [\"/bin/true\"]",
             k if k.starts_with("postgres.") => "dsn = \"host=/var/run/postgresql user=vigil\"",
             _ => "",
         };
