@@ -30,6 +30,7 @@ pub mod postgres;
 pub mod process;
 pub mod system;
 pub mod threshold;
+pub mod tls_certificate;
 
 pub use threshold::{Direction, Thresholds};
 
@@ -605,6 +606,15 @@ pub const KINDS: &[KindInfo] = &[
         default_interval: Some(StdDuration::from_secs(60)),
         default_timeout: None,
     },
+    KindInfo {
+        name: "tls.certificate",
+        summary: "seconds until a PEM file's certificate (or the earliest of its chain) expires",
+        unit: Unit::Seconds,
+        direction: Direction::LowerIsWorse,
+        // Time left changes by the minute, not the second.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
 ];
 
 /// Looks a kind up by name.
@@ -637,6 +647,18 @@ pub struct ChecksConfig {
     /// `[check.command.NAME]`
     #[serde(default)]
     pub command: IndexMap<String, command::CommandConfig>,
+    /// `[check.tls.KIND.NAME]`
+    #[serde(default)]
+    pub tls: TlsChecks,
+}
+
+/// The `[check.tls]` table: `[check.tls.certificate.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsChecks {
+    /// `[check.tls.certificate.NAME]`
+    #[serde(default)]
+    pub certificate: IndexMap<String, tls_certificate::TlsCertificateConfig>,
 }
 
 /// The `[check.backup]` table: one map per `backup.*` kind.
@@ -816,6 +838,8 @@ registry! {
     BackupFiles => "backup.files", backup::files::FilesConfig, backup::files::FilesCheck,
         backup.files;
     Command => "command", command::CommandConfig, command::CommandCheck, command;
+    TlsCertificate => "tls.certificate", tls_certificate::TlsCertificateConfig,
+        tls_certificate::TlsCertificateCheck, tls.certificate;
 }
 
 impl CheckSpec<'_> {
@@ -852,6 +876,7 @@ mod tests {
             "backup.barman" => "server = \"main\"",
             "backup.files" => "glob = \"/x/*\"",
             "command" => "command = [\"/bin/true\"]",
+            "tls.certificate" => "path = \"/etc/ssl/certs/x.pem\"",
             k if k.starts_with("postgres.") => "dsn = \"host=/var/run/postgresql user=vigil\"",
             _ => "",
         };
