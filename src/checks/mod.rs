@@ -25,6 +25,7 @@ use crate::config::types::{Duration, ThresholdValue};
 pub mod backup;
 pub mod command;
 pub mod disk;
+pub mod kernel;
 pub mod perfdata;
 pub mod postgres;
 pub mod process;
@@ -615,6 +616,16 @@ pub const KINDS: &[KindInfo] = &[
         default_interval: Some(StdDuration::from_secs(60)),
         default_timeout: None,
     },
+    KindInfo {
+        name: "kernel",
+        summary: "running kernel release against deny globs and min_release; 1 when denied",
+        unit: Unit::Boolean,
+        // Unused: the rules decide, and `warn`/`crit` are refused.
+        direction: Direction::HigherIsWorse,
+        // The release changes only with a reboot; the rules only with a reload.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
 ];
 
 /// Looks a kind up by name.
@@ -650,6 +661,9 @@ pub struct ChecksConfig {
     /// `[check.tls.KIND.NAME]`
     #[serde(default)]
     pub tls: TlsChecks,
+    /// `[check.kernel.NAME]`
+    #[serde(default)]
+    pub kernel: IndexMap<String, kernel::KernelConfig>,
 }
 
 /// The `[check.tls]` table: `[check.tls.certificate.NAME]`.
@@ -840,6 +854,7 @@ registry! {
     Command => "command", command::CommandConfig, command::CommandCheck, command;
     TlsCertificate => "tls.certificate", tls_certificate::TlsCertificateConfig,
         tls_certificate::TlsCertificateCheck, tls.certificate;
+    Kernel => "kernel", kernel::KernelConfig, kernel::KernelCheck, kernel;
 }
 
 impl CheckSpec<'_> {

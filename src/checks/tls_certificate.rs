@@ -166,7 +166,8 @@ fn is_certificate_label(label: &str) -> bool {
 }
 
 fn facts_of_der(der: &[u8]) -> Result<CertFacts, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("not a certificate: {e}"))?;
     let v = cert.validity();
     Ok(CertFacts {
         subject: cert.subject().to_string(),
@@ -176,13 +177,7 @@ fn facts_of_der(der: &[u8]) -> Result<CertFacts, String> {
 }
 
 /// Judges the file's certificates at `now` (Unix seconds).
-pub fn evaluate(
-    bytes: &[u8],
-    path: &Path,
-    chain: bool,
-    t: &Thresholds,
-    now: f64,
-) -> Observation {
+pub fn evaluate(bytes: &[u8], path: &Path, chain: bool, t: &Thresholds, now: f64) -> Observation {
     let certs = read_certificates(bytes);
     let total = certs.len();
     let judged: Vec<(usize, &Result<CertFacts, String>)> = if chain {
@@ -327,7 +322,13 @@ mod tests {
     }
 
     fn eval(pem: &str, chain: bool) -> Observation {
-        evaluate(pem.as_bytes(), Path::new("/x.pem"), chain, &default_t(), NOW)
+        evaluate(
+            pem.as_bytes(),
+            Path::new("/x.pem"),
+            chain,
+            &default_t(),
+            NOW,
+        )
     }
 
     #[test]
@@ -351,23 +352,37 @@ mod tests {
         let o = evaluate(pem.as_bytes(), Path::new("/x.pem"), false, &none, NOW);
         assert_eq!(o.status, Status::Critical);
         assert_eq!(o.value, Some(-86_400.0));
-        assert!(o.message.starts_with("CN=old expired 1d 0h ago"), "{}", o.message);
+        assert!(
+            o.message.starts_with("CN=old expired 1d 0h ago"),
+            "{}",
+            o.message
+        );
         let pem = self_signed("future", (2030, 2, 1), (2031, 1, 1));
         let o = evaluate(pem.as_bytes(), Path::new("/x.pem"), false, &none, NOW);
         assert_eq!(o.status, Status::Critical);
-        assert!(o.message.contains("is not valid before 2030-02-01"), "{}", o.message);
+        assert!(
+            o.message.contains("is not valid before 2030-02-01"),
+            "{}",
+            o.message
+        );
     }
 
     #[test]
     fn garbage_and_empty_files_are_critical_without_a_value() {
         for (bytes, says) in [
-            (&b"hello, I am not a certificate\n"[..], "not a valid certificate"),
+            (
+                &b"hello, I am not a certificate\n"[..],
+                "not a valid certificate",
+            ),
             (b"", "holds no certificate"),
             (
                 b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
                 "certificate 1 of 1 is not a valid certificate",
             ),
-            (b"-----BEGIN CERTIFICATE-----\nMIIB\n", "not a valid certificate"),
+            (
+                b"-----BEGIN CERTIFICATE-----\nMIIB\n",
+                "not a valid certificate",
+            ),
             (
                 b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
                 "holds no certificate",
@@ -398,7 +413,8 @@ mod tests {
         assert_eq!(o.status, Status::Warning);
         assert_eq!(o.value, Some(4.0 * 86_400.0));
         assert!(
-            o.message.starts_with("CN=Test CA (certificate 2 of 2) expires in 4d"),
+            o.message
+                .starts_with("CN=Test CA (certificate 2 of 2) expires in 4d"),
             "{}",
             o.message
         );
@@ -406,7 +422,10 @@ mod tests {
         // A key in the same file is skipped; garbage after the leaf fails only a chain.
         let with_key = format!("{}{}", leaf_key.serialize_pem(), leaf.pem());
         assert_eq!(eval(&with_key, true).status, Status::Ok);
-        let broken = format!("{}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", leaf.pem());
+        let broken = format!(
+            "{}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            leaf.pem()
+        );
         assert_eq!(eval(&broken, false).status, Status::Ok);
         let o = eval(&broken, true);
         assert_eq!((o.status, o.value), (Status::Critical, None));
@@ -416,16 +435,19 @@ mod tests {
     #[test]
     fn der_is_accepted() {
         let key = KeyPair::generate().unwrap();
-        let cert = params("der", (2029, 1, 1), (2030, 4, 1)).self_signed(&key).unwrap();
+        let cert = params("der", (2029, 1, 1), (2030, 4, 1))
+            .self_signed(&key)
+            .unwrap();
         let o = evaluate(cert.der(), Path::new("/x.der"), false, &default_t(), NOW);
         assert_eq!(o.status, Status::Ok, "{}", o.message);
     }
 
     #[test]
     fn thresholds_default_and_config_parses() {
-        let c: TlsCertificateConfig =
-            toml::from_str("path = \"/etc/ssl/x.pem\"\nwarn = \"30d\"\ncrit = \"2h\"\nchain = true")
-                .unwrap();
+        let c: TlsCertificateConfig = toml::from_str(
+            "path = \"/etc/ssl/x.pem\"\nwarn = \"30d\"\ncrit = \"2h\"\nchain = true",
+        )
+        .unwrap();
         let chk = TlsCertificateCheck::from_config(&c, &Common::default());
         assert_eq!(chk.thresholds.warn, Some(30.0 * 86_400.0));
         assert_eq!(chk.thresholds.crit, Some(7_200.0));
