@@ -259,7 +259,7 @@ pub fn format_value(unit: Unit, v: Option<f64>) -> String {
         Unit::Ratio => format!("{:.1}%", v * 100.0),
         Unit::Bytes => format_bytes(v),
         Unit::Seconds => format_seconds(v),
-        Unit::Count | Unit::Boolean => format!("{v:.0}"),
+        Unit::Count | Unit::Boolean | Unit::Status => format!("{v:.0}"),
         Unit::Load => format!("{v:.2}"),
     }
 }

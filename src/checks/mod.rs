@@ -23,11 +23,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::types::{Duration, ThresholdValue};
 
 pub mod backup;
+pub mod command;
 pub mod disk;
+pub mod kernel;
+pub mod perfdata;
 pub mod postgres;
 pub mod process;
 pub mod system;
 pub mod threshold;
+pub mod tls_certificate;
 
 pub use threshold::{Direction, Thresholds};
 
@@ -109,6 +113,8 @@ pub enum Unit {
     Load,
     /// 0 or 1.
     Boolean,
+    /// A Nagios status code a plugin exited with: 0 ok, 1 warning, 2 critical, 3 unknown.
+    Status,
 }
 
 impl Unit {
@@ -121,6 +127,7 @@ impl Unit {
             Unit::Count => "count",
             Unit::Load => "load",
             Unit::Boolean => "boolean",
+            Unit::Status => "status",
         }
     }
 }
@@ -589,6 +596,36 @@ pub const KINDS: &[KindInfo] = &[
         default_interval: Some(StdDuration::from_secs(60)),
         default_timeout: None,
     },
+    KindInfo {
+        name: "command",
+        summary: "a Nagios-convention plugin: exit code is the status, perfdata become metrics",
+        unit: Unit::Status,
+        // Unused: the plugin decides the status, and `warn`/`crit` are refused.
+        direction: Direction::HigherIsWorse,
+        // Plugins are written for Nagios's minutes-long cadence, and many start an
+        // interpreter (check_postgres is Perl): every 10 seconds would cost real CPU.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
+    KindInfo {
+        name: "tls.certificate",
+        summary: "seconds until a PEM file's certificate (or the earliest of its chain) expires",
+        unit: Unit::Seconds,
+        direction: Direction::LowerIsWorse,
+        // Time left changes by the minute, not the second.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
+    KindInfo {
+        name: "kernel",
+        summary: "running kernel release against deny globs and min_release; 1 when denied",
+        unit: Unit::Boolean,
+        // Unused: the rules decide, and `warn`/`crit` are refused.
+        direction: Direction::HigherIsWorse,
+        // The release changes only with a reboot; the rules only with a reload.
+        default_interval: Some(StdDuration::from_secs(60)),
+        default_timeout: None,
+    },
 ];
 
 /// Looks a kind up by name.
@@ -618,6 +655,24 @@ pub struct ChecksConfig {
     /// `[check.postgres.KIND.NAME]`
     #[serde(default)]
     pub postgres: PostgresChecks,
+    /// `[check.command.NAME]`
+    #[serde(default)]
+    pub command: IndexMap<String, command::CommandConfig>,
+    /// `[check.tls.KIND.NAME]`
+    #[serde(default)]
+    pub tls: TlsChecks,
+    /// `[check.kernel.NAME]`
+    #[serde(default)]
+    pub kernel: IndexMap<String, kernel::KernelConfig>,
+}
+
+/// The `[check.tls]` table: `[check.tls.certificate.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsChecks {
+    /// `[check.tls.certificate.NAME]`
+    #[serde(default)]
+    pub certificate: IndexMap<String, tls_certificate::TlsCertificateConfig>,
 }
 
 /// The `[check.backup]` table: one map per `backup.*` kind.
@@ -796,6 +851,10 @@ registry! {
         backup.barman;
     BackupFiles => "backup.files", backup::files::FilesConfig, backup::files::FilesCheck,
         backup.files;
+    Command => "command", command::CommandConfig, command::CommandCheck, command;
+    TlsCertificate => "tls.certificate", tls_certificate::TlsCertificateConfig,
+        tls_certificate::TlsCertificateCheck, tls.certificate;
+    Kernel => "kernel", kernel::KernelConfig, kernel::KernelCheck, kernel;
 }
 
 impl CheckSpec<'_> {
@@ -831,6 +890,8 @@ mod tests {
             "backup.pgbackrest" => "stanza = \"main\"",
             "backup.barman" => "server = \"main\"",
             "backup.files" => "glob = \"/x/*\"",
+            "command" => "command = [\"/bin/true\"]",
+            "tls.certificate" => "path = \"/etc/ssl/certs/x.pem\"",
             k if k.starts_with("postgres.") => "dsn = \"host=/var/run/postgresql user=vigil\"",
             _ => "",
         };

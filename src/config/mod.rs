@@ -408,6 +408,9 @@ impl Config {
         for c in self.check.disk.values_mut() {
             resolve(base, &mut c.path);
         }
+        for c in self.check.tls.certificate.values_mut() {
+            resolve(base, &mut c.path);
+        }
         for c in self.check.backup.pgbackrest.values_mut() {
             if let Some(p) = c.config.as_mut() {
                 resolve(base, p);

@@ -185,8 +185,12 @@ fn read_machine_id(path: &Path) -> Result<String, IdentityError> {
 }
 
 /// Reads os-release with os-release(5)'s precedence: `/etc/os-release` if it exists (even
-/// if it lacks a key), else `/usr/lib/os-release`, else nothing.
-fn read_os_release(etc_root: &Path) -> Result<HashMap<String, String>, IdentityError> {
+/// if it lacks a key), else `/usr/lib/os-release`, else nothing. (`<etc_root>/os-release`,
+/// else `<etc_root>/../usr/lib/os-release`.)
+///
+/// # Errors
+/// [`IdentityError::OsRelease`] when a file that exists cannot be read.
+pub fn read_os_release(etc_root: &Path) -> Result<HashMap<String, String>, IdentityError> {
     let usr_lib = etc_root
         .parent()
         .unwrap_or(Path::new("/"))
@@ -203,7 +207,7 @@ fn read_os_release(etc_root: &Path) -> Result<HashMap<String, String>, IdentityE
 
 /// The contract's `image`: `IMAGE_ID`/`IMAGE_VERSION`, else `ID`/`VERSION_ID`, taken as
 /// pairs so that an image id is never shown with the distribution's version.
-fn image_of(os: &HashMap<String, String>) -> (Option<String>, Option<String>) {
+pub fn image_of(os: &HashMap<String, String>) -> (Option<String>, Option<String>) {
     let get = |k: &str| os.get(k).filter(|v| !v.is_empty()).cloned();
     match get("IMAGE_ID") {
         Some(id) => (Some(id), get("IMAGE_VERSION")),

@@ -45,7 +45,7 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
     (
         "bad-unknown-kind",
         &[
-            r#"vigil: {file}:2:8: check.dsk: unknown field `dsk`, expected one of `disk`, `process`, `system`, `backup`, `postgres`"#,
+            r#"vigil: {file}:2:8: check.dsk: unknown field `dsk`, expected one of `disk`, `process`, `system`, `backup`, `postgres`, `command`, `tls`, `kernel`"#,
         ],
     ),
     (

@@ -27,6 +27,9 @@ mod heartbeat;
 mod pgbackrest;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
 mod pgcluster;
+/// command (real monitoring plugins, check_postgres, misbehaving plugins),
+/// tls.certificate (openssl-made certificates) and kernel (uname -r).
+mod plugins;
 /// postgres.* checks and the routing endpoints against a real primary and standby.
 mod postgres;
 /// `process` against real processes; a hung check does not delay others or the API.
