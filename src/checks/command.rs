@@ -41,7 +41,7 @@ use std::time::Duration as StdDuration;
 use indexmap::IndexMap;
 
 use super::perfdata::{Family, PluginOutput, parse_plugin_output};
-use crate::checks::backup::{run_program, tool_timeout, validate_tool};
+use crate::checks::program::{run_program, tool_timeout, validate_tool};
 use crate::checks::{Check, CheckContext, CheckError, Common, Metric, Observation, Status};
 use crate::config::types::Number;
 use crate::runner::{Exit, Outcome, Request, Runner, cut_chars};

@@ -29,6 +29,7 @@ pub mod kernel;
 pub mod perfdata;
 pub mod postgres;
 pub mod process;
+pub mod program;
 pub mod system;
 pub mod threshold;
 pub mod tls_certificate;
