@@ -7,7 +7,8 @@
 //! # keep-alive connections); enrols HOSTS hosts into STORE first: the receiver's
 //! # state_dir (file store) or its postgresql:// URL
 //! cargo run --release --example control_load -- load URL STORE HOSTS CONNS SECONDS
-//! # only enrol (e.g. to measure a receiver's memory with many hosts)
+//! # only enrol (e.g. to measure a receiver's memory with many hosts); with
+//! # CONTROL_LOAD_ENROLLED=1 set, `load` then skips its enrolment
 //! cargo run --release --example control_load -- enroll STORE HOSTS
 //! ```
 //!
@@ -120,7 +121,10 @@ async fn load(url: String, store: String, hosts: usize, conns: usize, secs: u64)
     let key = Arc::new(HeartbeatKey::from_signing_key(SigningKey::from_bytes(
         &[7; 32],
     )));
-    enroll(&store, hosts).await;
+    // Already enrolled (e.g. 100,000 hosts by `enroll`): skip the slow part.
+    if std::env::var_os("CONTROL_LOAD_ENROLLED").is_none() {
+        enroll(&store, hosts).await;
+    }
     let uri: hyper::Uri = url.parse().unwrap_or_else(|e| panic!("{e}"));
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
     let target = url.clone();

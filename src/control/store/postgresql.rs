@@ -88,7 +88,8 @@ use crate::pg::{self, DsnSettings};
 /// Most heartbeats stored by one statement.
 pub const MAX_BATCH: usize = 1024;
 /// Writer tasks (sessions) storing heartbeats: while one group commits, the next is
-/// already being sent.
+/// already being sent. A receiver holds `WRITERS + 2` sessions (requests' reads, and the
+/// background's).
 pub const WRITERS: usize = 2;
 /// Longest wait for any one database operation.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -453,6 +454,9 @@ struct Inner {
     /// Reads, enrolment and pruning: one session, used by many requests at once
     /// (tokio-postgres pipelines their statements); never a multi-statement transaction.
     reads: Link,
+    /// The state tracker's read of every host each second, and pruning: their own
+    /// session, so a 100,000-row answer never queues in front of a request's key lookup.
+    background: Link,
     /// Public keys of hosts seen (see the module doc: a cache, not the authority).
     keys: RwLock<HashMap<String, Arc<Vec<PublicKey>>>>,
     /// To the writer tasks; `None` for the CLI. Dropping the last handle closes it, and
@@ -503,7 +507,8 @@ impl PgStore {
         info!(target = %connector.target(), schema_version = version, "PostgreSQL store open");
         Ok(PgStore {
             inner: Arc::new(Inner {
-                reads: Link::new(connector),
+                reads: Link::new(connector.clone()),
+                background: Link::new(connector),
                 keys: RwLock::new(HashMap::new()),
                 tx,
             }),
@@ -936,7 +941,7 @@ impl Store for PgStore {
     async fn briefs(&self) -> Result<Vec<HostBrief>, StoreError> {
         let rows = self
             .inner
-            .reads
+            .background
             .run("reading host states", |c| async move {
                 c.client
                     .query(
@@ -1031,7 +1036,7 @@ impl Store for PgStore {
             // The latest heartbeat of each host (seq = last_seq) is never deleted.
             let n = self
                 .inner
-                .reads
+                .background
                 .run("pruning history", |c| async move {
                     c.client
                         .execute(

@@ -41,7 +41,7 @@ fn cluster() -> &'static Cluster {
     C.get_or_init(|| {
         Cluster::start(ClusterOptions {
             standby: false,
-            // Each receiver holds three sessions; several tests run at once.
+            // Each receiver holds four sessions; several tests run at once.
             extra_conf: vec!["max_connections = 200".into()],
             ..ClusterOptions::default()
         })
