@@ -4,8 +4,12 @@
 //! # verify cost alone: parse + keyid + Content-Digest + RFC 9421 Ed25519 verify, one core
 //! cargo run --release --example control_load -- verify [ITERATIONS]
 //! # accepted heartbeats per second against a running receiver (plain HTTP on loopback,
-//! # keep-alive connections); enrols HOSTS hosts into STATE_DIR's journal first
-//! cargo run --release --example control_load -- load URL STATE_DIR HOSTS CONNS SECONDS
+//! # keep-alive connections); enrols HOSTS hosts into STORE first: the receiver's
+//! # state_dir (file store) or its postgresql:// URL
+//! cargo run --release --example control_load -- load URL STORE HOSTS CONNS SECONDS
+//! # only enrol (e.g. to measure a receiver's memory with many hosts); with
+//! # CONTROL_LOAD_ENROLLED=1 set, `load` then skips its enrolment
+//! cargo run --release --example control_load -- enroll STORE HOSTS
 //! ```
 //!
 //! `load` prints the 200s per second and the latency percentiles of the 200s. Each
@@ -20,8 +24,9 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use vigil::control::store::Store;
 use vigil::control::store::file::FileStore;
+use vigil::control::store::postgresql::PgStore;
+use vigil::control::store::{AnyStore, Store};
 use vigil::heartbeat::keys::HeartbeatKey;
 use vigil::heartbeat::sign::{self, Received};
 
@@ -79,20 +84,47 @@ fn verify(iterations: u32) {
     );
 }
 
-async fn load(url: String, state_dir: String, hosts: usize, conns: usize, secs: u64) {
+/// Enrols `load-0` … `load-{hosts-1}` with the load key, 64 at a time (pipelined on
+/// PostgreSQL).
+async fn enroll(store: &str, hosts: usize) {
+    let key = HeartbeatKey::from_signing_key(SigningKey::from_bytes(&[7; 32])).public_key();
+    let store = if store.starts_with("postgres") {
+        AnyStore::Postgres(
+            PgStore::open_cli(store)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    } else {
+        AnyStore::File(
+            FileStore::open_read_only(std::path::Path::new(store), false)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    };
+    let t = Instant::now();
+    let mut next = 0;
+    while next < hosts {
+        let mut set = tokio::task::JoinSet::new();
+        for i in next..(next + 64).min(hosts) {
+            let (store, key) = (store.clone(), key.clone());
+            set.spawn(async move { store.enroll(&format!("load-{i}"), &key).await });
+        }
+        next = (next + 64).min(hosts);
+        while let Some(r) = set.join_next().await {
+            r.unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    eprintln!("enrolled {hosts} hosts in {:?}", t.elapsed());
+}
+
+async fn load(url: String, store: String, hosts: usize, conns: usize, secs: u64) {
     let key = Arc::new(HeartbeatKey::from_signing_key(SigningKey::from_bytes(
         &[7; 32],
     )));
-    let store = FileStore::open_read_only(std::path::Path::new(&state_dir), false)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let t = Instant::now();
-    for i in 0..hosts {
-        store
-            .enroll(&format!("load-{i}"), &key.public_key())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+    // Already enrolled (e.g. 100,000 hosts by `enroll`): skip the slow part.
+    if std::env::var_os("CONTROL_LOAD_ENROLLED").is_none() {
+        enroll(&store, hosts).await;
     }
-    eprintln!("enrolled {hosts} hosts in {:?}", t.elapsed());
     let uri: hyper::Uri = url.parse().unwrap_or_else(|e| panic!("{e}"));
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
     let target = url.clone();
@@ -201,6 +233,16 @@ fn main() {
                 args[5].parse().unwrap_or(10),
             ));
         }
-        _ => eprintln!("usage: control_load verify [N] | load URL STATE_DIR HOSTS CONNS SECONDS"),
+        Some("enroll") if args.len() == 3 => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(enroll(&args[1], args[2].parse().unwrap_or(1000)));
+        }
+        _ => eprintln!(
+            "usage: control_load verify [N] | load URL STORE HOSTS CONNS SECONDS | enroll STORE HOSTS"
+        ),
     }
 }

@@ -401,6 +401,37 @@ impl DsnSettings {
     pub fn tls(&self) -> &TlsMode {
         &self.tls
     }
+
+    /// What a client of vigil's own that does not go through a [`Slot`] (the control
+    /// plane's PostgreSQL store, which writes) needs to connect under the same rules as
+    /// the checks: the tokio-postgres config with the password from the DSN or the
+    /// passfile, and the verifying TLS connector when the DSN asks for TLS. Reads files:
+    /// call it off the async worker threads.
+    ///
+    /// # Errors
+    /// A message naming the unusable file (never a password).
+    pub fn connect_parts(&self) -> Result<ConnectParts, String> {
+        let (password, tls, warning) = prepare_secrets(self.clone())()?;
+        let mut config = self.config.clone();
+        if let Some(p) = password {
+            config.password(p.expose());
+        }
+        Ok(ConnectParts {
+            config,
+            tls,
+            passfile_warning: warning.map(|(path, why)| format!("{}: {why}", path.display())),
+        })
+    }
+}
+
+/// See [`DsnSettings::connect_parts`]. No `Debug`: the config holds the password.
+pub struct ConnectParts {
+    /// The tokio-postgres config, password included.
+    pub config: tokio_postgres::Config,
+    /// The TLS connector, `None` for plain text.
+    pub tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// A passfile that was ignored, and why (worth a warning).
+    pub passfile_warning: Option<String>,
 }
 
 fn describe_target(config: &tokio_postgres::Config, user: &str, dbname: &str) -> String {
@@ -1127,7 +1158,7 @@ fn tls_config(
 
 /// Drives a connection: without this task the client never sends anything (STYLE pitfall
 /// 14). It ends when the server closes or every client handle is dropped.
-fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>, target: String)
+pub fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>, target: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 done; 1 refused (`revoke` of a key that is not enrolled) or a store
 //! that cannot be read; 2 a bad `--host`/`--pubkey`/`--key-id`; 69 the listen address or
-//! the store is taken; 73 the state directory cannot be created or written; 78 an invalid
+//! the store is taken, or the PostgreSQL store cannot be reached; 73 the state directory cannot be created or written; 78 an invalid
 //! config (also a TLS file that cannot be used).
 
 use std::os::unix::fs::DirBuilderExt;
@@ -18,7 +18,8 @@ use tracing::info;
 
 use super::config::{self, ControlFile, StoreSetting};
 use super::store::file::{FileStore, Options};
-use super::store::{HostFilter, Page, Store, StoreError, epoch_ms};
+use super::store::postgresql::PgStore;
+use super::store::{AnyStore, HostFilter, Page, Store, StoreError, epoch_ms};
 use super::{body, routes, server};
 use crate::heartbeat::keys::PublicKey;
 use crate::{exit, systemd, telemetry};
@@ -38,18 +39,27 @@ fn load(flag: Option<&Path>) -> Result<ControlFile, u8> {
 
 fn store_exit(e: &StoreError) -> u8 {
     match e {
-        StoreError::Locked(_) => exit::UNAVAILABLE,
+        StoreError::Locked(_) | StoreError::Unavailable(_) => exit::UNAVAILABLE,
         StoreError::Io { .. } => exit::CANTCREAT,
         _ => exit::FAILURE,
     }
 }
 
-/// A file store the CLI may use while a receiver runs (or none does).
-fn cli_store(cfg: &ControlFile, heartbeats: bool) -> Result<FileStore, u8> {
+/// The store the CLI may use while receivers run (or none does).
+fn cli_store(
+    cfg: &ControlFile,
+    heartbeats: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Result<AnyStore, u8> {
     let c = &cfg.control;
-    if let StoreSetting::Postgres(_) = c.store {
-        fail("control.store: the PostgreSQL store is not in this build yet; use store = \"file\"");
-        return Err(exit::UNAVAILABLE);
+    if let StoreSetting::Postgres(url) = &c.store {
+        return rt
+            .block_on(PgStore::open_cli(url))
+            .map(AnyStore::Postgres)
+            .map_err(|e| {
+                fail(&e);
+                store_exit(&e)
+            });
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -59,10 +69,21 @@ fn cli_store(cfg: &ControlFile, heartbeats: bool) -> Result<FileStore, u8> {
             fail(format!("creating {}: {e}", c.state_dir.display()));
             exit::CANTCREAT
         })?;
-    FileStore::open_read_only(&c.state_dir, heartbeats).map_err(|e| {
-        fail(&e);
-        store_exit(&e)
-    })
+    FileStore::open_read_only(&c.state_dir, heartbeats)
+        .map(AnyStore::File)
+        .map_err(|e| {
+            fail(&e);
+            store_exit(&e)
+        })
+}
+
+/// The runtime, then the store on it.
+fn cli_setup(
+    cfg: &ControlFile,
+    heartbeats: bool,
+) -> Result<(AnyStore, tokio::runtime::Runtime), u8> {
+    let rt = runtime()?;
+    Ok((cli_store(cfg, heartbeats, &rt)?, rt))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
@@ -92,9 +113,9 @@ pub fn enroll(flag: Option<&Path>, host: &str, pubkey: &str) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (store, rt) = match (cli_store(&cfg, false), runtime()) {
-        (Ok(s), Ok(rt)) => (s, rt),
-        (Err(code), _) | (_, Err(code)) => return code,
+    let (store, rt) = match cli_setup(&cfg, false) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let kid = &key.info().key_id;
     match rt.block_on(store.enroll(host, &key)) {
@@ -119,9 +140,9 @@ pub fn revoke(flag: Option<&Path>, host: &str, key_id: Option<&str>) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (store, rt) = match (cli_store(&cfg, false), runtime()) {
-        (Ok(s), Ok(rt)) => (s, rt),
-        (Err(code), _) | (_, Err(code)) => return code,
+    let (store, rt) = match cli_setup(&cfg, false) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     match rt.block_on(store.revoke(host, key_id)) {
         Ok(0) => {
@@ -152,9 +173,9 @@ pub fn hosts(flag: Option<&Path>, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (store, rt) = match (cli_store(&cfg, true), runtime()) {
-        (Ok(s), Ok(rt)) => (s, rt),
-        (Err(code), _) | (_, Err(code)) => return code,
+    let (store, rt) = match cli_setup(&cfg, true) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let overdue = cfg.control.overdue_after.get();
     let now_ms = epoch_ms(SystemTime::now());
@@ -252,7 +273,7 @@ async fn run(cfg: ControlFile) -> u8 {
             match tokio::task::spawn_blocking(move || FileStore::open(&dir, Options::default()))
                 .await
             {
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => AnyStore::File(s),
                 Ok(Err(e)) => {
                     fail(&e);
                     return store_exit(&e);
@@ -263,12 +284,13 @@ async fn run(cfg: ControlFile) -> u8 {
                 }
             }
         }
-        StoreSetting::Postgres(_) => {
-            fail(
-                "control.store: the PostgreSQL store is not in this build yet; use store = \"file\"",
-            );
-            return exit::UNAVAILABLE;
-        }
+        StoreSetting::Postgres(url) => match PgStore::open(url).await {
+            Ok(s) => AnyStore::Postgres(s),
+            Err(e) => {
+                fail(&e);
+                return store_exit(&e);
+            }
+        },
     };
     let listener = match TcpListener::bind(c.listen).await {
         Ok(l) => l,
@@ -305,7 +327,11 @@ async fn run(cfg: ControlFile) -> u8 {
         stop.cancel();
     });
     let addr = listener.local_addr().map_or(c.listen, |a| a);
-    info!(listen = %addr, tls = tls.is_some(), state_dir = %c.state_dir.display(), "vigil control started");
+    let store_kind = match c.store {
+        StoreSetting::File => "file",
+        StoreSetting::Postgres(_) => "postgresql",
+    };
+    info!(listen = %addr, tls = tls.is_some(), store = store_kind, state_dir = %c.state_dir.display(), "vigil control started");
     systemd::ready(&format!("receiving heartbeats on {addr}"));
     server::run(listener, tls, app, c, shutdown).await;
     info!("vigil control stopped");

@@ -113,9 +113,10 @@ impl<'de> Deserialize<'de> for StoreSetting {
             return Ok(StoreSetting::File);
         }
         if s.starts_with("postgresql://") || s.starts_with("postgres://") {
-            return match s.parse::<tokio_postgres::Config>() {
+            // The checks' DSN rules (passfile, sslrootcert, verifying TLS); the message
+            // never echoes a value, which could be the password.
+            return match crate::pg::Dsn::new(s.as_str()).parse() {
                 Ok(_) => Ok(StoreSetting::Postgres(s)),
-                // tokio-postgres's message does not echo the URL (which may hold a password).
                 Err(e) => Err(serde::de::Error::custom(format!(
                     "invalid PostgreSQL URL: {e}"
                 ))),

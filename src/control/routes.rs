@@ -139,8 +139,17 @@ fn not_found() -> Resp {
     error(StatusCode::NOT_FOUND, "not found", "not_found", json!({}))
 }
 
+/// A database that went away is logged once by the store itself (loss and recovery);
+/// logging it again per request would flood the log at thousands of requests a second.
+fn log_store_error(e: &StoreError) {
+    match e {
+        StoreError::Unavailable(_) => debug!(error = %e, "store not available"),
+        _ => error!(error = %e, "store error"),
+    }
+}
+
 fn store_unavailable(app: &App<impl Store>, e: &StoreError) -> Resp {
-    error!(error = %e, "store error");
+    log_store_error(e);
     app.metrics.reject("store_error");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -255,7 +264,15 @@ where
         }
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_body", &e.to_string()),
     };
-    let keys = match app.store.keys(&parsed.host_id).await {
+    let signature_input = header(&parts.headers, "signature-input");
+    // Read before the key lookup (a caching store needs the keyid), refused after it, so
+    // an unknown host is still told so first.
+    let key_id = signature_input.as_deref().map(sign::signature_key_id);
+    let want = match &key_id {
+        Some(Ok(k)) => Some(k.as_str()),
+        _ => None,
+    };
+    let keys = match app.store.keys(&parsed.host_id, want).await {
         Ok(k) => k,
         Err(e) => return store_unavailable(app, &e),
     };
@@ -266,15 +283,14 @@ where
             &format!("host {:?} is not enrolled", parsed.host_id),
         );
     }
-    let signature_input = header(&parts.headers, "signature-input");
-    let Some(input) = signature_input.as_deref() else {
+    let (Some(input), Some(key_id)) = (signature_input.as_deref(), key_id) else {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "missing_header",
             "missing Signature-Input header",
         );
     };
-    let key_id = match sign::signature_key_id(input) {
+    let key_id = match key_id {
         Ok(k) => k,
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, verify_reason(&e), &e.to_string()),
     };
@@ -321,10 +337,11 @@ where
         return refuse(StatusCode::UNAUTHORIZED, reason, &e.to_string());
     }
     let seq = parsed.seq;
+    let host_id = parsed.host_id.clone();
     let incoming = Incoming {
         host_id: parsed.host_id,
         seq,
-        key_id,
+        key_id: key_id.clone(),
         received_at_ms: epoch_ms(received_at),
         // A copy of exactly the body: the collected `Bytes` may be a slice of hyper's
         // read buffer, and the store keeps each host's latest body for as long as the
@@ -347,6 +364,21 @@ where
                 json!({ "last_seq": last_seq }),
             )
         }
+        Ok(AcceptOutcome::Revoked) => {
+            // Revoked while this request was verified: tell which refusal it now is.
+            let reason = match app.store.keys(&host_id, None).await {
+                Ok(k) if k.is_empty() => "unknown_host",
+                _ => "unknown_key",
+            };
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                reason,
+                &format!("key {key_id:?} of host {host_id:?} is no longer enrolled"),
+            )
+        }
+        // A value the store cannot hold (a seq above 2^63-1 in PostgreSQL): retrying the
+        // same heartbeat cannot succeed, so it is the client's error, not a 503.
+        Err(StoreError::Invalid(e)) => refuse(StatusCode::BAD_REQUEST, "bad_body", &e),
         Err(e) => store_unavailable(app, &e),
     }
 }
@@ -463,7 +495,7 @@ async fn hosts<S: Store>(app: &App<S>, query: Option<&str>) -> Resp {
             hosts_body(&list, now_ms, app.overdue_after),
         ),
         Err(e) => {
-            error!(error = %e, "store error");
+            log_store_error(&e);
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the store is not available",
@@ -490,7 +522,7 @@ async fn host<S: Store>(app: &App<S>, id: &str) -> Resp {
             json!({}),
         ),
         Err(e) => {
-            error!(error = %e, "store error");
+            log_store_error(&e);
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the store is not available",

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::routes::App;
-use super::store::{HostView, Store};
+use super::store::{HostBrief, Store};
 use crate::lifecycle::{HostState, rfc3339};
 
 /// Changes waiting to be sent, at most.
@@ -49,15 +49,15 @@ pub struct Change {
 
 impl Change {
     /// The change of `h` from `previous` to `state`, noticed at `now_ms`.
-    pub fn new(h: &HostView, previous: HostState, state: HostState, now_ms: u64) -> Change {
+    pub fn new(h: &HostBrief, previous: HostState, state: HostState, now_ms: u64) -> Change {
         let t = |ms: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         Change {
             host_id: h.host_id.clone(),
             state,
             previous,
-            reported_state: h.last.as_ref().map(|l| l.summary.state),
-            last_seen: h.last.as_ref().map(|l| t(l.received_at_ms)),
-            seq: h.last.as_ref().map(|l| l.seq),
+            reported_state: h.last.map(|(_, _, s)| s),
+            last_seen: h.last.map(|(_, at, _)| t(at)),
+            seq: h.last.map(|(seq, _, _)| seq),
             at: t(now_ms),
         }
     }

@@ -1,5 +1,10 @@
 //! The real `vigil control` over real TLS: enrolment from the CLI, signed heartbeats,
-//! every rejection, replays, restarts, kill -9 under load, and overdue hosts.
+//! every rejection, replays, restarts, kill -9 under load, and overdue hosts. [`pg`]: the
+//! same receiver on a real PostgreSQL store, with a real agent, two receivers, a proxy,
+//! client certificates and a database that goes away.
+
+/// The PostgreSQL store, end to end.
+mod pg;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -130,6 +135,11 @@ impl Plane {
 
     /// GET over TLS, trusting the test CA; the body parsed as JSON.
     async fn get(&self, path: &str) -> (u16, Value) {
+        self.get_at(self.addr, path).await
+    }
+
+    /// GET over TLS at `addr` (the receiver, or a proxy in front of it).
+    async fn get_at(&self, addr: SocketAddr, path: &str) -> (u16, Value) {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -139,7 +149,7 @@ impl Plane {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
             .await
@@ -149,7 +159,7 @@ impl Plane {
             .unwrap();
         tokio::spawn(conn);
         let req = hyper::Request::get(path)
-            .header("host", self.addr.to_string())
+            .header("host", addr.to_string())
             .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
@@ -247,7 +257,12 @@ async fn post_with(c: &HeartbeatClient, body: &[u8], h: &SignedHeaders) -> (u16,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_verified_and_every_forgery_or_replay_is_refused_with_nothing_stored() {
-    let plane = Plane::new("");
+    forgeries_and_replays_are_refused(Plane::new("")).await;
+}
+
+/// The rejections, on the store `plane` is configured with (also run on PostgreSQL by
+/// [`pg`]).
+async fn forgeries_and_replays_are_refused(plane: Plane) {
     let k = key(1);
     plane.enroll("db-1", &k);
     let rx = plane.start();
@@ -346,7 +361,12 @@ async fn heartbeats_are_verified_and_every_forgery_or_replay_is_refused_with_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolment_and_revocation_take_effect_at_once_in_a_running_receiver() {
-    let plane = Plane::new("");
+    enrolment_and_revocation_at_once(Plane::new("")).await;
+}
+
+/// Enrolment, rotation and revocation from the CLI while `plane` runs (also run on
+/// PostgreSQL by [`pg`], where the receiver caches keys).
+async fn enrolment_and_revocation_at_once(plane: Plane) {
     let rx = plane.start();
     let c = plane.client();
     let (old, new) = (key(1), key(2));

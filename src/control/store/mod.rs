@@ -1,8 +1,9 @@
 //! Where the control plane keeps enrolment (host id → public keys) and heartbeats.
 //!
-//! One [`Store`] trait, two implementations planned: [`file::FileStore`], the embedded
-//! default under `state_dir`, and a PostgreSQL store for several receivers on one database
-//! (not in this build yet: `store = "postgresql://…"` is refused at startup).
+//! One [`Store`] trait, two implementations: [`file::FileStore`], the embedded default
+//! under `state_dir`, and [`postgresql::PgStore`] for several receivers on one database
+//! (`store = "postgresql://…"`). [`AnyStore`] is whichever the config names, for the
+//! binary.
 //!
 //! # Why an async trait
 //! Both stores are naturally asynchronous: the file store hands accepts to one writer
@@ -18,9 +19,13 @@
 //! returns only once an accepted heartbeat is durable: a 200 is never lost, and two
 //! accepts of the same (host, seq) can never both succeed.
 
+mod any;
 mod enrollment;
 pub mod file;
 mod frame;
+pub mod postgresql;
+
+pub use any::AnyStore;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -58,6 +63,9 @@ pub enum AcceptOutcome {
         /// The host's last accepted `seq`.
         last_seq: u64,
     },
+    /// The signing key was revoked between the key lookup and the store (the PostgreSQL
+    /// store checks enrolment in the same statement that stores): nothing stored.
+    Revoked,
 }
 
 /// The latest heartbeat of a host.
@@ -178,10 +186,31 @@ pub struct Page {
 /// What a prune did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
-    /// History files removed.
+    /// History files removed (file store).
     pub files_removed: usize,
-    /// Bytes they held.
+    /// Bytes they held (file store).
     pub bytes_removed: u64,
+    /// History rows deleted (PostgreSQL store).
+    pub rows_removed: u64,
+}
+
+/// What the state tracker needs of a host, without its body or keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBrief {
+    /// The host id.
+    pub host_id: String,
+    /// `(seq, received_at_ms, reported state)` of its latest heartbeat, if any.
+    pub last: Option<(u64, u64, HostState)>,
+}
+
+impl HostBrief {
+    /// As [`HostView::derived_state`].
+    pub fn derived_state(&self, now_ms: u64, overdue_after: Duration) -> HostState {
+        match self.last {
+            Some((_, at, state)) if now_ms.saturating_sub(at) <= millis(overdue_after) => state,
+            _ => HostState::Uncertain,
+        }
+    }
 }
 
 /// Why a store operation failed.
@@ -209,9 +238,16 @@ pub enum StoreError {
     /// recovers from what is on disk.
     #[error("the store stopped after a write error: {0}")]
     Failed(String),
-    /// An argument is invalid (a host id, a key id).
+    /// An argument is invalid (a host id, a key id, a `seq` the store cannot hold).
     #[error("{0}")]
     Invalid(String),
+    /// The database cannot be reached or did not answer in time; the operation may be
+    /// retried (a receiver answers 503 meanwhile and reconnects with backoff).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The database answered with an error, with what was being done.
+    #[error("{0}")]
+    Database(String),
 }
 
 impl StoreError {
@@ -240,10 +276,14 @@ pub trait Store: Send + Sync + 'static {
         key_id: Option<&str>,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
-    /// The keys enrolled for `host_id` now (empty: not enrolled).
+    /// The keys enrolled for `host_id` now (empty: not enrolled). `want` is the keyid the
+    /// request names, if it names one: a store that caches keys may answer from its cache
+    /// only when the cache holds that key, and must ask its source otherwise (`None`:
+    /// always ask), so a key enrolled a moment ago is found.
     fn keys(
         &self,
         host_id: &str,
+        want: Option<&str>,
     ) -> impl Future<Output = Result<Vec<PublicKey>, StoreError>> + Send;
 
     /// Stores a verified heartbeat if its `seq` is above the host's last one; returns
@@ -258,6 +298,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         host_id: &str,
     ) -> impl Future<Output = Result<Option<HostView>, StoreError>> + Send;
+
+    /// Every enrolled host, in id order, with only what its derived state needs: what the
+    /// state tracker reads every second, so no body and no key is copied.
+    fn briefs(&self) -> impl Future<Output = Result<Vec<HostBrief>, StoreError>> + Send;
 
     /// Enrolled hosts in id order, filtered and paged.
     fn hosts(
