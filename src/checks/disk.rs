@@ -160,8 +160,40 @@ fn gather(path: &Path) -> Result<DiskStats, CheckError> {
         bavail: st.blocks_available() as u64,
         files: st.files() as u64,
         ffree: st.files_free() as u64,
-        readonly: st.flags().contains(FsFlags::ST_RDONLY),
+        // ST_RDONLY also comes from a read-only bind of the tree in the agent's own mount
+        // namespace (systemd's ProtectSystem=strict) while the filesystem itself is
+        // writable; ask the superblock, and keep statvfs's answer when that cannot tell.
+        readonly: st.flags().contains(FsFlags::ST_RDONLY)
+            && superblock_readonly(path) != Some(false),
     })
+}
+
+/// Whether the filesystem holding `path` is read-only for everyone (its superblock: an
+/// `ro` mount, or ext4 after `errors=remount-ro`), from the super options of the mount with
+/// the path's device in `/proc/self/mountinfo`. `None` when that cannot tell: no such
+/// line (btrfs subvolumes report a device of their own), or nothing readable.
+fn superblock_readonly(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo_super_readonly(
+        &text,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+    )
+}
+
+/// Pure part of [`superblock_readonly`]: a mountinfo(5) line is `ID PARENT MAJOR:MINOR ROOT
+/// MOUNTPOINT OPTIONS [OPTIONAL…] - FSTYPE SOURCE SUPER_OPTIONS`; every mount of one
+/// device shares its superblock, so the first line with the device answers.
+pub fn mountinfo_super_readonly(mountinfo: &str, major: u64, minor: u64) -> Option<bool> {
+    let dev = format!("{major}:{minor}");
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(2) == Some(dev.as_str()))?;
+    let (_, after) = line.split_once(" - ")?;
+    let super_options = after.split(' ').nth(2)?;
+    Some(super_options.split(',').any(|o| o == "ro"))
 }
 
 /// Space and inode usage as `df` reports them.
@@ -487,6 +519,21 @@ impl Drop for ClearOnDrop {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sandbox_read_only_bind_is_not_a_read_only_filesystem() {
+        // "/" as systemd's ProtectSystem=strict leaves it: mounted ro, superblock rw; and
+        // a filesystem that ext4 remounted read-only after an error.
+        let mi = "\
+26 1 8:1 / / ro,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro
+27 26 8:2 / /var/lib/postgresql rw,relatime shared:2 - ext4 /dev/sda2 ro,errors=remount-ro
+28 26 0:23 / /proc rw,nosuid shared:3 - proc proc rw
+";
+        assert_eq!(super::mountinfo_super_readonly(mi, 8, 1), Some(false));
+        assert_eq!(super::mountinfo_super_readonly(mi, 8, 2), Some(true));
+        assert_eq!(super::mountinfo_super_readonly(mi, 8, 9), None);
+        assert_eq!(super::mountinfo_super_readonly("garbage", 8, 1), None);
+    }
+
     use super::*;
 
     fn policy() -> DiskPolicy {
