@@ -858,6 +858,21 @@ registry! {
     Kernel => "kernel", kernel::KernelConfig, kernel::KernelCheck, kernel;
 }
 
+impl AnyCheck {
+    /// The program a program-running kind (`command`, `backup.pgbackrest`, `backup.walg`,
+    /// `backup.barman`) runs, built but not run: what the privileged `vigil runner` runs
+    /// for the agent from its own config. `None` for the kinds that run no program.
+    pub fn program_request(&self) -> Option<crate::runner::Request> {
+        match self {
+            AnyCheck::Command(c) => Some(c.request()),
+            AnyCheck::BackupPgbackrest(c) => Some(c.request()),
+            AnyCheck::BackupWalg(c) => Some(c.request()),
+            AnyCheck::BackupBarman(c) => Some(c.request()),
+            _ => None,
+        }
+    }
+}
+
 impl CheckSpec<'_> {
     /// Checks with the same key are scheduled together (the postgres kinds: their DSN).
     pub fn schedule_group(&self) -> Option<String> {

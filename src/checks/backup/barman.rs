@@ -40,7 +40,7 @@ use super::{
 };
 use crate::checks::{Check, CheckContext, CheckError, Common, Observation, Thresholds};
 use crate::config::types::Duration;
-use crate::runner::{Exit, Runner};
+use crate::runner::{Exit, Request, Runner};
 
 /// The binary run when `binary` is not set (looked up in the runner's `PATH`).
 pub const DEFAULT_BINARY: &str = "barman";
@@ -112,16 +112,24 @@ impl BarmanCheck {
     }
 }
 
-impl Check for BarmanCheck {
-    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
-        let req = tool_request(
+impl BarmanCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        tool_request(
             self.binary.as_deref(),
             DEFAULT_BINARY,
             &["-f", "json", "list-backups", &self.server],
             &self.env,
             self.run_as.as_deref(),
             self.timeout,
-        );
+        )
+    }
+}
+
+impl Check for BarmanCheck {
+    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
+        let req = self.request();
         let outcome = run_program(&self.runner, &req).await?;
         // In JSON mode Barman's own errors are on stdout ({"_ERROR": [...]}), where
         // `first_error_line` would quote the JSON braces; quote the messages instead.

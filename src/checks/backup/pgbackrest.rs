@@ -204,6 +204,14 @@ impl PgbackrestCheck {
     }
 }
 
+impl PgbackrestCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        self.request.clone()
+    }
+}
+
 impl Check for PgbackrestCheck {
     async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
         let backup_type = self.backup_type.clone().map_err(tool_error)?;

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::checks::{Check, CheckContext, CheckError, Common, Observation, Thresholds};
 use crate::config::types::Duration;
-use crate::runner::Runner;
+use crate::runner::{Request, Runner};
 
 /// The binary run when `binary` is not set (looked up in the runner's `PATH`).
 pub const DEFAULT_BINARY: &str = "wal-g";
@@ -86,16 +86,24 @@ impl WalgCheck {
     }
 }
 
-impl Check for WalgCheck {
-    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
-        let req = tool_request(
+impl WalgCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        tool_request(
             self.binary.as_deref(),
             DEFAULT_BINARY,
             ARGS,
             &self.env,
             self.run_as.as_deref(),
             self.timeout,
-        );
+        )
+    }
+}
+
+impl Check for WalgCheck {
+    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
+        let req = self.request();
         let out = run_tool(&self.runner, &req).await?;
         let backups = parse_backup_list(&out.stdout)
             .map_err(|e| tool_error(format!("`{}`: {e}", super::command_line(&req))))?;
