@@ -230,6 +230,20 @@ impl Runner {
         resolve_user(user).map(|_| ())
     }
 
+    /// Whether a program may be configured to run as `user`: with the privileged runner
+    /// (`[agent].runner_socket` set) any existing user (the runner switches to it);
+    /// without it, [`can_run_as`](Self::can_run_as).
+    ///
+    /// # Errors
+    /// [`RunError::User`] naming why not.
+    pub fn usable_user(user: &str, via_runner: bool) -> Result<(), RunError> {
+        if via_runner {
+            // Only that it exists: the runner switches to it.
+            return lookup_user(user).map(|_| ());
+        }
+        Runner::in_process().can_run_as(user)
+    }
+
     /// Runs `req` to completion, killing its process group at the timeout.
     ///
     /// Cancel-safe in the sense that matters here: dropping the future before it finished
@@ -513,9 +527,7 @@ fn resolve_user(user: &str) -> Result<Option<Switch>, RunError> {
         user: user.to_string(),
         reason,
     };
-    let u = nix::unistd::User::from_name(user)
-        .map_err(|e| err(format!("looking up the user: {e}")))?
-        .ok_or_else(|| err("no such user".into()))?;
+    let u = lookup_user(user)?;
     if !switch_needed(u.uid, nix::unistd::geteuid()).map_err(err)? {
         return Ok(None);
     }
@@ -527,6 +539,17 @@ fn resolve_user(user: &str) -> Result<Option<Switch>, RunError> {
         gid: u.gid,
         groups,
     }))
+}
+
+/// The passwd entry of `user`.
+fn lookup_user(user: &str) -> Result<nix::unistd::User, RunError> {
+    let err = |reason: String| RunError::User {
+        user: user.to_string(),
+        reason,
+    };
+    nix::unistd::User::from_name(user)
+        .map_err(|e| err(format!("looking up the user: {e}")))?
+        .ok_or_else(|| err("no such user".into()))
 }
 
 /// Whether a process running as `me` must (and can) switch to `target`: `Ok(false)` when
@@ -557,6 +580,16 @@ mod tests {
         let e = switch_needed(other, me).unwrap_err();
         assert!(e.contains("uid 1000") && e.contains("uid 1001"), "{e}");
         assert!(switch_needed(root, me).is_err());
+    }
+
+    #[test]
+    fn with_a_runner_any_existing_user_is_usable() {
+        assert!(Runner::usable_user("root", true).is_ok());
+        match Runner::usable_user("vigil-no-such-user-x", true) {
+            Err(RunError::User { reason, .. }) => assert_eq!(reason, "no such user"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Runner::usable_user("vigil-no-such-user-x", false).is_err());
     }
 
     #[test]

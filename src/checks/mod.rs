@@ -874,6 +874,17 @@ impl AnyCheck {
 }
 
 impl CheckSpec<'_> {
+    /// The `run_as` of a program-running kind.
+    pub fn run_as(&self) -> Option<&str> {
+        match self {
+            CheckSpec::Command(c) => c.run_as.as_deref(),
+            CheckSpec::BackupPgbackrest(c) => c.run_as.as_deref(),
+            CheckSpec::BackupWalg(c) => c.run_as.as_deref(),
+            CheckSpec::BackupBarman(c) => c.run_as.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Checks with the same key are scheduled together (the postgres kinds: their DSN).
     pub fn schedule_group(&self) -> Option<String> {
         self.dsn().map(|d| format!("{d:?}"))

@@ -362,3 +362,51 @@ fn the_runner_refuses_a_config_others_can_write() {
         "{stderr}"
     );
 }
+
+/// An agent that is not root accepts `run_as` of another user only when a runner is
+/// configured; the user must exist either way.
+#[test]
+fn run_as_another_user_needs_the_runner_socket_when_not_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempdir();
+    chmod(dir.path(), 0o755);
+    let check = |runner_socket: bool, user: &str| {
+        let cfg = dir.path().join("agent.toml");
+        let agent = if runner_socket {
+            "[agent]\nrunner_socket = \"/run/vigil/runner.sock\"\n\n"
+        } else {
+            ""
+        };
+        let text =
+            format!("{agent}[check.command.as-other]\ncommand = [\"true\"]\nrun_as = \"{user}\"\n");
+        std::fs::write(&cfg, text).unwrap();
+        chmod(&cfg, 0o644);
+        let out = vigil()
+            .args(["config", "check", "-c"])
+            .arg(&cfg)
+            .current_dir("/")
+            .uid(NOBODY)
+            .gid(uid_gid(NOBODY))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = check(false, "postgres");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("check.command.as-other.run_as")
+            && err.contains("without root or the vigil runner"),
+        "{err}"
+    );
+    let (code, err) = check(true, "postgres");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = check(true, "vigil-no-such-user");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("no such user"), "{err}");
+}

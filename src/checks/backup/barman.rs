@@ -65,8 +65,9 @@ crate::check_config! {
 
 impl BarmanConfig {
     /// `server` must be a plain name (it becomes an argument); `binary` a name or an
-    /// absolute path; `run_as` usable when enabled.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+    /// absolute path. `run_as` is checked by the config's validation, which knows whether
+    /// a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if self.server.is_empty() || self.server.starts_with('-') || self.server == "all" {
             problems.push((
@@ -77,11 +78,7 @@ impl BarmanConfig {
                 ),
             ));
         }
-        problems.extend(validate_tool(
-            self.binary.as_deref(),
-            self.run_as.as_deref(),
-            enabled,
-        ));
+        problems.extend(validate_tool(self.binary.as_deref()));
         problems
     }
 }

@@ -56,9 +56,10 @@ crate::check_config! {
 }
 
 impl WalgConfig {
-    /// `binary` must be a name or an absolute path; `run_as` must be usable when enabled.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
-        validate_tool(self.binary.as_deref(), self.run_as.as_deref(), enabled)
+    /// `binary` must be a name or an absolute path. `run_as` is checked by the config's
+    /// validation, which knows whether a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
+        validate_tool(self.binary.as_deref())
     }
 }
 
