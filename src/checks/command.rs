@@ -118,7 +118,8 @@ pub struct CommandCheck {
     env: Vec<(String, String)>,
     run_as: Option<String>,
     timeout: StdDuration,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl CommandCheck {

@@ -871,6 +871,23 @@ impl AnyCheck {
             _ => None,
         }
     }
+
+    /// Makes a program-running check send a program it cannot run as its `run_as` to the
+    /// privileged runner at `socket`, as check `name`; other kinds are left alone.
+    pub fn via_runner(&mut self, socket: &std::path::Path, name: &str) {
+        let runner = crate::runner::Runner::in_process().via(crate::runner::Remote {
+            socket: socket.to_path_buf(),
+            op: crate::runner_service::Op::Check,
+            name: name.to_string(),
+        });
+        match self {
+            AnyCheck::Command(c) => c.runner = runner,
+            AnyCheck::BackupPgbackrest(c) => c.runner = runner,
+            AnyCheck::BackupWalg(c) => c.runner = runner,
+            AnyCheck::BackupBarman(c) => c.runner = runner,
+            _ => {}
+        }
+    }
 }
 
 impl CheckSpec<'_> {

@@ -131,6 +131,7 @@ fn setup(dir: &Path) -> PathBuf {
     let text = format!(
         r#"[agent]
 state_dir = {state:?}
+runner_socket = {socket:?}
 
 [automation]
 dir = {scripts:?}
@@ -158,6 +159,7 @@ sha256 = "{h2}"
 run_as = "postgres"
 "#,
         state = dir.join("state").display().to_string(),
+        socket = dir.join("runner.sock").display().to_string(),
         scripts = scripts.display().to_string(),
         whoami = whoami.display().to_string(),
         edited = edited.display().to_string(),
@@ -409,4 +411,46 @@ fn run_as_another_user_needs_the_runner_socket_when_not_root() {
     let (code, err) = check(true, "vigil-no-such-user");
     assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("no such user"), "{err}");
+}
+
+/// An agent process running as the agent user (`vigil check`, the scheduler's own code
+/// path) runs a `command` check with `run_as = "postgres"` through the runner.
+#[test]
+fn an_unprivileged_agent_runs_another_users_check_through_the_runner() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempdir();
+    let cfg = setup(dir.path());
+    let check_as_nobody = || {
+        let out = vigil()
+            .args(["check", "--json", "-c"])
+            .arg(&cfg)
+            .arg("as-postgres")
+            .current_dir("/")
+            .env_remove("VIGIL_CONFIG")
+            .uid(NOBODY)
+            .gid(uid_gid(NOBODY))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        v[0].clone()
+    };
+    // No runner listening yet: unknown, and the message says why.
+    let v = check_as_nobody();
+    assert_eq!(v["status"], "unknown", "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("vigil runner at") && msg.contains("runner.sock"),
+        "{v}"
+    );
+
+    let r = start(dir.path(), &cfg);
+    let v = check_as_nobody();
+    assert_eq!(v["status"], "ok", "{v}");
+    let postgres = uid_of("postgres").to_string();
+    assert!(v["message"].as_str().unwrap().contains(&postgres), "{v}");
+    assert!(r.logs().contains("runner: request served"), "{}", r.logs());
 }

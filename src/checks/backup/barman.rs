@@ -91,7 +91,8 @@ pub struct BarmanCheck {
     env: IndexMap<String, String>,
     timeout: StdDuration,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl BarmanCheck {

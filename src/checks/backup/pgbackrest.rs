@@ -166,7 +166,8 @@ pub struct PgbackrestCheck {
     /// `Err` holds a `type` the config validation should have refused.
     backup_type: Result<Option<BackupType>, String>,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl PgbackrestCheck {

@@ -70,7 +70,8 @@ pub struct WalgCheck {
     env: IndexMap<String, String>,
     timeout: StdDuration,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl WalgCheck {
