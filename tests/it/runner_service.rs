@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{is_root, poll, tempdir, vigil};
+use crate::util::{free_port, is_root, poll, tempdir, try_http, unix_http, vigil};
 
 /// The client: sends argv[2] plus a newline to the socket argv[1], prints the answer.
 const CLIENT: &str = r#"
@@ -453,4 +453,102 @@ fn an_unprivileged_agent_runs_another_users_check_through_the_runner() {
     let postgres = uid_of("postgres").to_string();
     assert!(v["message"].as_str().unwrap().contains(&postgres), "{v}");
     assert!(r.logs().contains("runner: request served"), "{}", r.logs());
+}
+
+/// The whole path: an agent running as the agent user (nobody) runs a remediation with
+/// `run_as = "postgres"` through the runner; the audit record has postgres's output.
+#[test]
+fn an_unprivileged_agent_runs_another_users_remediation_through_the_runner() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempdir();
+    let cfg = setup(dir.path());
+    // The agent's own writable places, as systemd's StateDirectory/RuntimeDirectory give.
+    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    for d in [&state, &run] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(NOBODY), Some(uid_gid(NOBODY))).unwrap();
+    }
+    let port = free_port();
+    let admin = run.join("admin.sock");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[api]\nlisten = \"127.0.0.1:{port}\"\nadmin_socket = {:?}\n",
+        admin.display().to_string()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+
+    let r = start(dir.path(), &cfg);
+    let log = dir.path().join("agent.log");
+    let mut agent = vigil()
+        .args(["agent", "-c"])
+        .arg(&cfg)
+        .current_dir("/")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .uid(NOBODY)
+        .gid(uid_gid(NOBODY))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    poll(Duration::from_secs(20), "the agent's first round", || {
+        if let Ok(Some(st)) = agent.try_wait() {
+            panic!(
+                "agent exited with {st}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        match try_http(addr, "GET", "/health", None) {
+            Ok((_, body)) if !body.contains("\"starting\"") => Some(()),
+            _ => None,
+        }
+    });
+    let out = vigil()
+        .args([
+            "remediate",
+            "as-postgres",
+            "--reason",
+            "runner test",
+            "--socket",
+        ])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    // Newest first; admin access includes the output.
+    let (code, body) = unix_http(&admin, "GET", "/remediations", None);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}\nagent: {}\nrunner: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        r.logs()
+    );
+    assert!(said.contains("as-postgres: succeeded"), "{said}");
+    assert_eq!(code, 200, "{body}");
+    let records: Value = serde_json::from_str(&body).unwrap();
+    let ran = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["event"] == "succeeded")
+        .unwrap_or_else(|| panic!("no succeeded record: {body}"));
+    let postgres = uid_of("postgres");
+    let stdout = ran["stdout"].as_str().unwrap();
+    assert!(
+        stdout.starts_with(&format!("{postgres}\ncheck= path=")),
+        "{ran}"
+    );
+    assert!(
+        r.logs().contains("runner: running a remediation"),
+        "{}",
+        r.logs()
+    );
 }
