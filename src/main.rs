@@ -163,7 +163,7 @@ fn runner(flag: Option<&Path>, socket: &Path, agent_user: &str) -> u8 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = rt.block_on(vigil::runner_service::run(cfg, socket, agent_user));
+    let result = rt.block_on(vigil::runner_service::run(cfg, &path, socket, agent_user));
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => exit::OK,

@@ -8,7 +8,7 @@
 //! - it reads the SAME config file as the agent, and refuses to start unless that file
 //!   (and its directory) is owned by root and not writable by group or others: the file is
 //!   the allow-list, so only root may write it ([`load_config`]);
-//! - it listens on a Unix socket (mode 0660, group = the agent user's group, or a socket
+//! - it listens on a Unix socket (default [`DEFAULT_SOCKET`], mode 0660, group = the agent user's group, or a socket
 //!   handed over by systemd) and answers a connection only when SO_PEERCRED says the peer
 //!   is the agent's uid; everyone else (root included: root needs no runner) gets an
 //!   error answer and a logged warning;
@@ -66,7 +66,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest request accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// The runner's socket when `--socket` is not given.
-pub const DEFAULT_SOCKET: &str = "/run/vigil/runner.sock";
+///
+/// Not under the agent's `/run/vigil`: each unit has its own `RuntimeDirectory`, and
+/// systemd removes a unit's runtime directory when that unit stops.
+pub const DEFAULT_SOCKET: &str = "/run/vigil-runner/runner.sock";
 /// The agent's user when `--agent-user` is not given.
 pub const DEFAULT_AGENT_USER: &str = "vigil";
 /// The only variables a remediation request may carry (CONTRACT.md, "Remediation
@@ -167,7 +170,8 @@ pub enum RequestError {
 /// The runner's state: its config and who may ask.
 #[derive(Debug)]
 pub struct Service {
-    config: Arc<Config>,
+    /// Swapped whole on SIGHUP (a request in progress keeps the config it started with).
+    config: arc_swap::ArcSwap<Config>,
     /// The only uid answered.
     agent_uid: u32,
     /// `run_as` when a program names none (never root by default).
@@ -181,12 +185,17 @@ impl Service {
     /// A service answering `agent_user` (uid `agent_uid`) from `config`.
     pub fn new(config: Config, agent_user: String, agent_uid: u32) -> Self {
         Service {
-            config: Arc::new(config),
+            config: arc_swap::ArcSwap::from_pointee(config),
             agent_uid,
             agent_user,
             runner: Runner::in_process(),
             one_remediation: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Replaces the config (SIGHUP): requests from now on are looked up in `config`.
+    pub fn reload(&self, config: Config) {
+        self.config.store(Arc::new(config));
     }
 
     /// Runs a parsed request.
@@ -211,8 +220,8 @@ impl Service {
         name: &str,
         env: BTreeMap<String, String>,
     ) -> Result<Outcome, RequestError> {
-        let spec = self
-            .config
+        let config = self.config.load_full();
+        let spec = config
             .remediation
             .get(name)
             .ok_or_else(|| RequestError::Unknown {
@@ -225,13 +234,13 @@ impl Service {
         if let Some(bad) = env.keys().find(|k| !REMEDIATION_ENV.contains(&k.as_str())) {
             return Err(RequestError::Env(bad.clone()));
         }
-        if self.config.automation.dry_run {
+        if config.automation.dry_run {
             return Err(RequestError::DryRun);
         }
         let _one = self.one_remediation.lock().await;
         // The runner's own guard, with its own uid (root): the script must be root's.
         let sealed = guard::seal(
-            &self.config.automation.dir,
+            &config.automation.dir,
             &spec.script,
             &spec.sha256,
             nix::unistd::geteuid().as_raw(),
@@ -261,13 +270,13 @@ impl Service {
             what: "check",
             name: name.to_string(),
         };
-        let (_, spec) = self
-            .config
+        let config = self.config.load_full();
+        let (_, spec) = config
             .check
             .iter()
             .find(|(n, _)| *n == name)
             .ok_or_else(unknown)?;
-        let common = spec.common(self.config.agent.interval);
+        let common = spec.common(config.agent.interval);
         if !common.enabled {
             return Err(RequestError::Disabled(name.to_string()));
         }
@@ -379,7 +388,9 @@ pub fn agent_ids(user: &str) -> Result<(u32, u32), StartError> {
 }
 
 /// Runs `vigil runner` until SIGTERM or SIGINT: binds `socket` (mode 0660, owned by root
-/// and the agent user's group), answers the agent user's requests.
+/// and the agent user's group), answers the agent user's requests. SIGHUP reads `path`
+/// again (with the same ownership rules); a config that fails is logged and the old one
+/// stays, as in the agent.
 ///
 /// The runner binds its socket itself rather than taking one from systemd's socket
 /// activation: adopting an inherited descriptor needs `unsafe` (`OwnedFd::from_raw_fd`),
@@ -388,7 +399,12 @@ pub fn agent_ids(user: &str) -> Result<(u32, u32), StartError> {
 ///
 /// # Errors
 /// [`StartError`]: the agent user is unknown, or the socket cannot be set up.
-pub async fn run(config: Config, socket: &Path, agent_user: &str) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    path: &Path,
+    socket: &Path,
+    agent_user: &str,
+) -> Result<(), StartError> {
     let (uid, gid) = agent_ids(agent_user)?;
     let listener = bind(socket, gid)?;
     let service = Arc::new(Service::new(config, agent_user.to_string(), uid));
@@ -401,11 +417,26 @@ pub async fn run(config: Config, socket: &Path, agent_user: &str) -> Result<(), 
         };
         let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
         let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(sig_err)?;
         let cancel = cancel.clone();
+        let (service, path) = (service.clone(), path.to_path_buf());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+                    _ = int.recv() => { info!("SIGINT: stopping"); break; }
+                    _ = hup.recv() => match load_config(&path) {
+                        Ok(c) => {
+                            service.reload(c);
+                            info!(config = %path.display(), "SIGHUP: config reloaded");
+                            crate::systemd::reloaded("config reloaded");
+                        }
+                        Err(e) => {
+                            tracing::error!(config = %path.display(), error = %e, "SIGHUP: config refused; the old one stays");
+                            crate::systemd::reloaded("config refused; the old one stays");
+                        }
+                    },
+                }
             }
             cancel.cancel();
         })

@@ -552,3 +552,50 @@ fn an_unprivileged_agent_runs_another_users_remediation_through_the_runner() {
         r.logs()
     );
 }
+
+/// SIGHUP reads the config again: a remediation added is served; a config others can
+/// write is refused and logged, and the one in force stays.
+#[test]
+fn sighup_reloads_the_runners_config_and_refuses_an_unsafe_one() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempdir();
+    let cfg = setup(dir.path());
+    let r = start(dir.path(), &cfg);
+    let ask_new = || r.ask(&json!({"v": 1, "op": "remediation", "name": "added"}));
+    assert!(error_of(&ask_new()).starts_with("unknown: "));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let whoami = dir.path().join("remediations.d/whoami.sh");
+    let added = format!(
+        "{text}\n[remediation.added]\nscript = {:?}\nsha256 = \"{}\"\nrun_as = \"postgres\"\n",
+        whoami.display().to_string(),
+        sha256(&whoami)
+    );
+    std::fs::write(&cfg, &added).unwrap();
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(r.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    hup();
+    let a = poll(Duration::from_secs(10), "the added remediation", || {
+        let a = ask_new();
+        a.get("exit").is_some().then_some(a)
+    });
+    assert_eq!(a["exit"], json!({"code": 0}), "{a}");
+    assert!(stdout_of(&a).starts_with(&format!("{}\n", uid_of("postgres"))));
+
+    // Group-writable: refused on reload, the config in force stays.
+    chmod(&cfg, 0o664);
+    std::fs::write(&cfg, &text).unwrap();
+    hup();
+    poll(Duration::from_secs(10), "the refusal in the log", || {
+        r.logs().contains("SIGHUP: config refused").then_some(())
+    });
+    assert!(r.logs().contains("mode 0664"), "{}", r.logs());
+    assert_eq!(ask_new()["exit"], json!({"code": 0}));
+}
