@@ -36,7 +36,8 @@
 //! cooldowns and budgets live in the agent, so a compromised agent can repeat an approved
 //! remediation (rate limits in the runner are future work). Connections are bounded
 //! ([`MAX_CONNECTIONS`]) and a slow writer is cut after [`READ_TIMEOUT`]. A garbage
-//! request gets an error answer, never a panic.
+//! request gets an error answer, never a panic. A program whose client went away (the
+//! agent's check timed out) still runs to its own timeout from the runner's config.
 //!
 //! Other local users cannot connect (socket mode and SO_PEERCRED), and cannot change what
 //! runs (the config and the scripts are root's, checked at start and at each run).
@@ -133,9 +134,9 @@ pub enum RequestError {
     /// Not JSON, too large, unknown fields, or an unsupported version.
     #[error("bad_request: {0}")]
     Bad(String),
-    /// The peer is not the agent's user.
-    #[error("forbidden: peer uid {0} is not the agent's user")]
-    Forbidden(u32),
+    /// The peer is not the agent's user (`None`: its credentials could not be read).
+    #[error("forbidden: peer uid {} is not the agent's user", .0.map_or_else(|| "unknown".to_string(), |u| u.to_string()))]
+    Forbidden(Option<u32>),
     /// Too many connections at once.
     #[error("busy: {MAX_CONNECTIONS} requests are already being served")]
     Busy,
@@ -516,7 +517,7 @@ async fn connection(mut stream: UnixStream, service: &Service, admitted: bool) {
     let line = read_line(&mut stream).await;
     let answer = if uid != Some(service.agent_uid) {
         warn!(peer_uid = ?uid, peer_pid = ?pid, "runner: refusing a peer that is not the agent's user");
-        Err(RequestError::Forbidden(uid.unwrap_or(u32::MAX)))
+        Err(RequestError::Forbidden(uid))
     } else if !admitted {
         warn!("runner: too many requests at once; refusing one");
         Err(RequestError::Busy)
