@@ -123,6 +123,18 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
+    /// Run the privileged helper that runs programs as another user for the agent
+    /// (as root, in its own unit).
+    Runner {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The socket to listen on (ignored when systemd passes one)
+        #[arg(long, value_name = "PATH", default_value = crate::runner_service::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The only user whose requests are answered (SO_PEERCRED)
+        #[arg(long, value_name = "NAME", default_value = crate::runner_service::DEFAULT_AGENT_USER)]
+        agent_user: String,
+    },
     /// Create the Ed25519 heartbeat signing key (mode 0600) and print its public key and id.
     Keygen {
         /// Where to write the key (PKCS#8 PEM); an existing file is never replaced.

@@ -13,6 +13,7 @@
 //! - [`client`]: talks to a running agent for `status` and `lifecycle`;
 //! - [`pg`]: PostgreSQL sessions shared by the postgres kinds; [`runner`]: runs external
 //!   programs (backup tools) with a timeout, a cleared environment and bounded output;
+//!   [`runner_service`]: `vigil runner`, the privileged helper that runs them as another user;
 //! - [`heartbeat`]: signed heartbeats: keys, signing, the document, sequence, spool,
 //!   transport and the delivery loop; [`image`]: `vigil image prep`;
 //! - [`remediation`]: pre-approved scripts run when a check trips: guard, guardrails, audit;
@@ -33,6 +34,7 @@ pub mod lifecycle;
 pub mod pg;
 pub mod remediation;
 pub mod runner;
+pub mod runner_service;
 pub mod scheduler;
 pub mod state;
 pub mod systemd;

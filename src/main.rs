@@ -42,6 +42,11 @@ fn main() -> ExitCode {
         Command::Keygen { out, if_missing } => keygen(&out, if_missing),
         Command::Control { config, command } => control(config.config.as_deref(), command),
         Command::Approve { file } => approve(&file),
+        Command::Runner {
+            config,
+            socket,
+            agent_user,
+        } => runner(config.config.as_deref(), &socket, &agent_user),
         Command::Automation { command } => automation(command),
         Command::Remediate {
             name,
@@ -128,6 +133,37 @@ fn agent(flag: Option<&Path>) -> u8 {
     // A probe stuck in the kernel (statvfs on a dead NFS mount, a read of a FIFO) holds a
     // blocking thread forever; dropping the runtime would wait for it. The agent is done,
     // so abandon such threads after a short grace.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            fail(&e);
+            e.exit_code()
+        }
+    }
+}
+
+/// `vigil runner`: the privileged helper.
+fn runner(flag: Option<&Path>, socket: &Path, agent_user: &str) -> u8 {
+    let path = config::resolve_path(flag);
+    let cfg = match vigil::runner_service::load_config(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                fail(line);
+            }
+            return e.exit_code();
+        }
+    };
+    if let Err(e) = telemetry::init(&cfg.log) {
+        fail(format!("logging: {e}"));
+        return exit::CONFIG;
+    }
+    let rt = match runtime(2) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(vigil::runner_service::run(cfg, &path, socket, agent_user));
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => exit::OK,

@@ -23,7 +23,10 @@
 //!
 //! The request and outcome are plain data (serde) so that the same exchange can cross
 //! the privileged `vigil runner`'s socket when `run_as` names another user; the
-//! in-process [`Runner`] switches user itself only when the agent runs as root. A switched
+//! in-process [`Runner`] switches user itself only when the agent runs as root. A runner
+//! made [`via`](Runner::via) a [`Remote`] sends a request whose `run_as` it cannot honour
+//! itself to `vigil runner` instead, naming only the check or remediation: the runner
+//! rebuilds the program from its own (root's) config, so the request's argv is not sent. A switched
 //! program gets the user's uid, primary gid and supplementary groups (the `initgroups`
 //! list, computed before the fork).
 //!
@@ -183,6 +186,14 @@ pub enum RunError {
         /// Why not.
         reason: String,
     },
+    /// The privileged runner refused the request, or could not be asked.
+    #[error("vigil runner at {socket}: {reason}")]
+    Runner {
+        /// Its socket.
+        socket: String,
+        /// Its error answer (`keyword: detail`), or why it could not be asked.
+        reason: String,
+    },
     /// Waiting for or reading from the program failed.
     #[error("running {program}: {source}")]
     Io {
@@ -199,6 +210,19 @@ pub enum RunError {
 pub struct Runner {
     /// Time between SIGTERM and SIGKILL at a timeout.
     kill_grace: Duration,
+    /// Where a program this process cannot switch to its `run_as` for is sent.
+    remote: Option<Remote>,
+}
+
+/// The privileged `vigil runner` and what to ask it for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remote {
+    /// Its socket (`[agent].runner_socket`).
+    pub socket: std::path::PathBuf,
+    /// A check's program or a remediation.
+    pub op: crate::runner_service::Op,
+    /// The check's or the remediation's name, which the runner looks up in its config.
+    pub name: String,
 }
 
 impl Default for Runner {
@@ -212,7 +236,15 @@ impl Runner {
     pub fn in_process() -> Self {
         Runner {
             kill_grace: KILL_GRACE,
+            remote: None,
         }
+    }
+
+    /// The same runner, sending a request whose `run_as` this process cannot switch to
+    /// (another user, and the agent is not root) to the privileged runner at `remote`.
+    pub fn via(mut self, remote: Remote) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     /// The same runner with another time between SIGTERM and SIGKILL at a timeout.
@@ -228,6 +260,20 @@ impl Runner {
     /// [`RunError::User`] naming why not.
     pub fn can_run_as(&self, user: &str) -> Result<(), RunError> {
         resolve_user(user).map(|_| ())
+    }
+
+    /// Whether a program may be configured to run as `user`: with the privileged runner
+    /// (`[agent].runner_socket` set) any existing user (the runner switches to it);
+    /// without it, [`can_run_as`](Self::can_run_as).
+    ///
+    /// # Errors
+    /// [`RunError::User`] naming why not.
+    pub fn usable_user(user: &str, via_runner: bool) -> Result<(), RunError> {
+        if via_runner {
+            // Only that it exists: the runner switches to it.
+            return lookup_user(user).map(|_| ());
+        }
+        Runner::in_process().can_run_as(user)
     }
 
     /// Runs `req` to completion, killing its process group at the timeout.
@@ -253,6 +299,11 @@ impl Runner {
     }
 
     async fn run_program(&self, req: &Request, exec: Option<RawFd>) -> Result<Outcome, RunError> {
+        if let (Some(remote), Some(user)) = (&self.remote, &req.run_as) {
+            if needs_runner(lookup_user(user)?.uid, nix::unistd::geteuid()) {
+                return self.ask_runner(remote, req).await;
+            }
+        }
         let program = req.argv.first().ok_or(RunError::Empty)?.clone();
         let spawn_err = |source| RunError::Spawn {
             program: program.clone(),
@@ -367,6 +418,50 @@ impl Runner {
         })
     }
 }
+
+impl Runner {
+    /// Asks the privileged runner to run `req`'s check or remediation. Only the name and,
+    /// for a remediation, the environment (its `VIGIL_*` variables) are sent.
+    async fn ask_runner(&self, remote: &Remote, req: &Request) -> Result<Outcome, RunError> {
+        use crate::runner_service::{Answer, Op, PROTOCOL_VERSION, WireRequest};
+        let err = |reason: String| RunError::Runner {
+            socket: remote.socket.display().to_string(),
+            reason,
+        };
+        let wire = WireRequest {
+            v: PROTOCOL_VERSION,
+            op: remote.op,
+            name: remote.name.clone(),
+            env: match remote.op {
+                Op::Remediation => req.env.iter().cloned().collect(),
+                Op::Check => Default::default(),
+            },
+        };
+        // The runner ends the program at its own timeout; allow for its kill grace and
+        // reaping, and for the exchange itself, before giving up on it.
+        let patience = req.timeout + self.kill_grace + REAP_WAIT + ANSWER_GRACE;
+        match tokio::time::timeout(patience, crate::runner_service::ask(&remote.socket, &wire))
+            .await
+        {
+            Err(_) => Err(err(format!(
+                "no answer within {}",
+                humantime::format_duration(patience)
+            ))),
+            Ok(Err(e)) => Err(err(e.to_string())),
+            Ok(Ok(Answer::Error { error })) => Err(err(error)),
+            Ok(Ok(Answer::Ran(outcome))) => Ok(outcome),
+        }
+    }
+}
+
+/// Whether a program to run as `target` must go to the privileged runner: it is another
+/// user and this process (not root) cannot switch to it.
+fn needs_runner(target: Uid, me: Uid) -> bool {
+    target != me && !me.is_root()
+}
+
+/// Time allowed for the exchange with the privileged runner on top of the program's own.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// SIGKILLs a process group when dropped armed: a [`Runner::run`] future dropped mid-way
 /// (the scheduler's timeout) must not leave the program's grandchildren running, and
@@ -513,9 +608,7 @@ fn resolve_user(user: &str) -> Result<Option<Switch>, RunError> {
         user: user.to_string(),
         reason,
     };
-    let u = nix::unistd::User::from_name(user)
-        .map_err(|e| err(format!("looking up the user: {e}")))?
-        .ok_or_else(|| err("no such user".into()))?;
+    let u = lookup_user(user)?;
     if !switch_needed(u.uid, nix::unistd::geteuid()).map_err(err)? {
         return Ok(None);
     }
@@ -527,6 +620,17 @@ fn resolve_user(user: &str) -> Result<Option<Switch>, RunError> {
         gid: u.gid,
         groups,
     }))
+}
+
+/// The passwd entry of `user`.
+fn lookup_user(user: &str) -> Result<nix::unistd::User, RunError> {
+    let err = |reason: String| RunError::User {
+        user: user.to_string(),
+        reason,
+    };
+    nix::unistd::User::from_name(user)
+        .map_err(|e| err(format!("looking up the user: {e}")))?
+        .ok_or_else(|| err("no such user".into()))
 }
 
 /// Whether a process running as `me` must (and can) switch to `target`: `Ok(false)` when
@@ -557,6 +661,25 @@ mod tests {
         let e = switch_needed(other, me).unwrap_err();
         assert!(e.contains("uid 1000") && e.contains("uid 1001"), "{e}");
         assert!(switch_needed(root, me).is_err());
+    }
+
+    #[test]
+    fn only_an_unprivileged_agent_asks_the_runner_for_another_user() {
+        let (root, me, other) = (Uid::from_raw(0), Uid::from_raw(1000), Uid::from_raw(1001));
+        assert!(needs_runner(other, me));
+        assert!(needs_runner(root, me));
+        assert!(!needs_runner(me, me));
+        assert!(!needs_runner(other, root));
+    }
+
+    #[test]
+    fn with_a_runner_any_existing_user_is_usable() {
+        assert!(Runner::usable_user("root", true).is_ok());
+        match Runner::usable_user("vigil-no-such-user-x", true) {
+            Err(RunError::User { reason, .. }) => assert_eq!(reason, "no such user"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Runner::usable_user("vigil-no-such-user-x", false).is_err());
     }
 
     #[test]

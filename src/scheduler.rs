@@ -41,6 +41,8 @@ struct Entry {
     common: Common,
     /// Debug rendering of the kind's own config, to notice any change of it.
     fingerprint: String,
+    /// `[agent].runner_socket`: a change rebuilds the program-running checks' runners.
+    runner_socket: Option<std::path::PathBuf>,
 }
 
 struct Running {
@@ -95,6 +97,7 @@ impl Scheduler {
                     kind: spec.kind(),
                     common: spec.common(config.agent.interval),
                     fingerprint: format!("{spec:?}"),
+                    runner_socket: config.agent.runner_socket.clone(),
                 };
                 (name.to_string(), spec, entry)
             })
@@ -146,7 +149,7 @@ impl Scheduler {
                 group: spec.schedule_group(),
                 epoch: self.epoch,
                 name: name.clone(),
-                check: spec.build(&entry.common),
+                check: build(&spec, &entry.common, config, &name),
                 common: entry.common.clone(),
                 shared: self.shared.clone(),
                 cx: self.cx.clone(),
@@ -340,6 +343,16 @@ fn next_slot(
     start + interval * u32::try_from(k).unwrap_or(u32::MAX)
 }
 
+/// Builds a check; with `[agent].runner_socket` set, a program it cannot run as its
+/// `run_as` goes to the privileged runner.
+fn build(spec: &CheckSpec<'_>, common: &Common, config: &Config, name: &str) -> AnyCheck {
+    let mut check = spec.build(common);
+    if let Some(socket) = &config.agent.runner_socket {
+        check.via_runner(socket, name);
+    }
+    check
+}
+
 /// A stable fraction in [0, 1) for a group key.
 fn group_fraction(key: &str) -> f64 {
     use std::hash::{Hash, Hasher};
@@ -408,7 +421,7 @@ pub async fn run_once(
             group: None,
             epoch: Instant::now(),
             name: name.to_string(),
-            check: spec.build(&common),
+            check: build(&spec, &common, config, name),
             common,
             shared: shared.clone(),
             cx: cx.clone(),

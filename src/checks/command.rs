@@ -41,7 +41,7 @@ use std::time::Duration as StdDuration;
 use indexmap::IndexMap;
 
 use super::perfdata::{Family, PluginOutput, parse_plugin_output};
-use crate::checks::program::{run_program, tool_timeout, validate_tool};
+use crate::checks::program::{run_program, tool_timeout};
 use crate::checks::{Check, CheckContext, CheckError, Common, Metric, Observation, Status};
 use crate::config::types::Number;
 use crate::runner::{Exit, Outcome, Request, Runner, cut_chars};
@@ -68,9 +68,9 @@ crate::check_config! {
 
 impl CommandConfig {
     /// `command` must name a program (a bare name looked up in PATH, or an absolute path);
-    /// `env` names must be valid; `warn`/`crit` are refused; `run_as` must be usable when
-    /// enabled.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+    /// `env` names must be valid; `warn`/`crit` are refused. `run_as` is checked by the
+    /// config's validation, which knows whether a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         match self.command.first() {
             None => problems.push((
@@ -108,7 +108,6 @@ impl CommandConfig {
                 ));
             }
         }
-        problems.extend(validate_tool(None, self.run_as.as_deref(), enabled));
         problems
     }
 }
@@ -119,7 +118,8 @@ pub struct CommandCheck {
     env: Vec<(String, String)>,
     run_as: Option<String>,
     timeout: StdDuration,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl CommandCheck {
@@ -451,15 +451,11 @@ mod tests {
             keys("command = [\"/x\"]\nwarn = 1\ncrit = 2"),
             ["warn", "crit"]
         );
-        // Host facts only when enabled.
+        // `run_as` is the config's business (config::tests::run_as_must_exist_when_enabled).
         assert!(
             config("command = [\"/x\"]\nrun_as = \"no-such-user-vigil\"")
-                .validate(false)
+                .validate(true)
                 .is_empty()
-        );
-        assert_eq!(
-            config("command = [\"/x\"]\nrun_as = \"no-such-user-vigil\"").validate(true)[0].0,
-            "run_as"
         );
         assert!(toml::from_str::<CommandConfig>("command = \"/bin/true\"").is_err());
         assert!(toml::from_str::<CommandConfig>("command = [\"/x\"]\nshell = true").is_err());

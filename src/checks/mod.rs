@@ -858,7 +858,50 @@ registry! {
     Kernel => "kernel", kernel::KernelConfig, kernel::KernelCheck, kernel;
 }
 
+impl AnyCheck {
+    /// The program a program-running kind (`command`, `backup.pgbackrest`, `backup.walg`,
+    /// `backup.barman`) runs, built but not run: what the privileged `vigil runner` runs
+    /// for the agent from its own config. `None` for the kinds that run no program.
+    pub fn program_request(&self) -> Option<crate::runner::Request> {
+        match self {
+            AnyCheck::Command(c) => Some(c.request()),
+            AnyCheck::BackupPgbackrest(c) => Some(c.request()),
+            AnyCheck::BackupWalg(c) => Some(c.request()),
+            AnyCheck::BackupBarman(c) => Some(c.request()),
+            _ => None,
+        }
+    }
+
+    /// Makes a program-running check send a program it cannot run as its `run_as` to the
+    /// privileged runner at `socket`, as check `name`; other kinds are left alone.
+    pub fn via_runner(&mut self, socket: &std::path::Path, name: &str) {
+        let runner = crate::runner::Runner::in_process().via(crate::runner::Remote {
+            socket: socket.to_path_buf(),
+            op: crate::runner_service::Op::Check,
+            name: name.to_string(),
+        });
+        match self {
+            AnyCheck::Command(c) => c.runner = runner,
+            AnyCheck::BackupPgbackrest(c) => c.runner = runner,
+            AnyCheck::BackupWalg(c) => c.runner = runner,
+            AnyCheck::BackupBarman(c) => c.runner = runner,
+            _ => {}
+        }
+    }
+}
+
 impl CheckSpec<'_> {
+    /// The `run_as` of a program-running kind.
+    pub fn run_as(&self) -> Option<&str> {
+        match self {
+            CheckSpec::Command(c) => c.run_as.as_deref(),
+            CheckSpec::BackupPgbackrest(c) => c.run_as.as_deref(),
+            CheckSpec::BackupWalg(c) => c.run_as.as_deref(),
+            CheckSpec::BackupBarman(c) => c.run_as.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Checks with the same key are scheduled together (the postgres kinds: their DSN).
     pub fn schedule_group(&self) -> Option<String> {
         self.dsn().map(|d| format!("{d:?}"))

@@ -5,7 +5,8 @@
 //! - [`tool_request`]: the runner's request from a check's keys;
 //! - [`run_tool`] / [`run_program`] + [`check_outcome`]: run it, and turn everything but a
 //!   clean exit into a [`CheckError`] quoting the program's own words;
-//! - [`validate_tool`]: the config checks of `binary` and `run_as`;
+//! - [`validate_tool`]: the config check of `binary` (`run_as` is checked once for every
+//!   kind in the config's validation, which knows whether a privileged runner is set);
 //! - [`tool_timeout`]: the runner's timeout inside the scheduler's.
 
 use std::time::Duration as StdDuration;
@@ -23,17 +24,11 @@ pub const MAX_TOOL_OUTPUT: usize = 4 * 1024 * 1024;
 /// How many characters of a tool's error line a message quotes.
 pub const ERROR_LINE_MAX: usize = 300;
 
-/// The config checks every tool-running kind shares, as `(key, message)`:
-/// - `binary` must be a bare name (looked up in the runner's fixed `PATH`) or an absolute
-///   path: a relative path would resolve against the runner's working directory `/`,
-///   which is never what the author meant;
-/// - when `enabled`, `run_as` must be a user this agent can switch to
-///   ([`Runner::can_run_as`]).
-pub fn validate_tool(
-    binary: Option<&str>,
-    run_as: Option<&str>,
-    enabled: bool,
-) -> Vec<(&'static str, String)> {
+/// The config check every tool-running kind shares, as `(key, message)`: `binary` must be
+/// a bare name (looked up in the runner's fixed `PATH`) or an absolute path: a relative
+/// path would resolve against the runner's working directory `/`, which is never what the
+/// author meant.
+pub fn validate_tool(binary: Option<&str>) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
     if let Some(b) = binary {
         if b.trim().is_empty() {
@@ -45,11 +40,6 @@ pub fn validate_tool(
                     "{b:?} must be a bare program name (looked up in PATH) or an absolute path"
                 ),
             ));
-        }
-    }
-    if let (true, Some(user)) = (enabled, run_as) {
-        if let Err(e) = Runner::in_process().can_run_as(user) {
-            problems.push(("run_as", e.to_string()));
         }
     }
     problems
@@ -243,15 +233,9 @@ mod tests {
 
     #[test]
     fn binary_must_be_a_name_or_absolute() {
-        assert!(validate_tool(Some("wal-g"), None, true).is_empty());
-        assert!(validate_tool(Some("/usr/local/bin/wal-g"), None, true).is_empty());
-        assert_eq!(validate_tool(Some("bin/wal-g"), None, true)[0].0, "binary");
-        assert_eq!(validate_tool(Some(" "), None, true)[0].0, "binary");
-        // Host facts only for enabled checks.
-        assert!(validate_tool(None, Some("no-such-user-vigil"), false).is_empty());
-        assert_eq!(
-            validate_tool(None, Some("no-such-user-vigil"), true)[0].0,
-            "run_as"
-        );
+        assert!(validate_tool(Some("wal-g")).is_empty());
+        assert!(validate_tool(Some("/usr/local/bin/wal-g")).is_empty());
+        assert_eq!(validate_tool(Some("bin/wal-g"))[0].0, "binary");
+        assert_eq!(validate_tool(Some(" "))[0].0, "binary");
     }
 }

@@ -27,6 +27,7 @@ use types::{ByteSize, Duration};
 
 use crate::checks::{self, ChecksConfig, Thresholds};
 use crate::lifecycle::Lifecycle;
+use crate::runner::Runner;
 
 /// Where the config is read from when no `-c` is given and `$VIGIL_CONFIG` is unset.
 pub const DEFAULT_PATH: &str = "/etc/vigil/vigil.toml";
@@ -74,6 +75,9 @@ pub struct AgentConfig {
     pub labels: IndexMap<String, String>,
     /// How many checks may run at the same time.
     pub max_concurrent_checks: usize,
+    /// The privileged `vigil runner`'s socket: set, a program whose `run_as` names another
+    /// user than the agent's is run by the runner (and any existing user is accepted).
+    pub runner_socket: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
             initial_lifecycle: Lifecycle::Available,
             labels: IndexMap::new(),
             max_concurrent_checks: 4,
+            runner_socket: None,
         }
     }
 }
@@ -386,6 +391,9 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         resolve(base, &mut self.agent.state_dir);
         resolve(base, &mut self.api.admin_socket);
+        if let Some(s) = self.agent.runner_socket.as_mut() {
+            resolve(base, s);
+        }
         resolve(base, &mut self.automation.dir);
         if let Some(f) = self.log.file.as_mut() {
             resolve(base, f);
@@ -523,6 +531,12 @@ impl Config {
             for (leaf, msg) in spec.validate(common.enabled) {
                 add(&key(Some(leaf)), msg);
             }
+            // Host facts for enabled checks only.
+            if let (true, Some(user)) = (common.enabled, spec.run_as()) {
+                if let Err(e) = Runner::usable_user(user, self.agent.runner_socket.is_some()) {
+                    add(&key(Some("run_as")), e.to_string());
+                }
+            }
         }
 
         for (name, r) in &self.remediation {
@@ -558,6 +572,7 @@ impl Config {
                     &self.automation.dir,
                     r,
                     nix::unistd::geteuid().as_raw(),
+                    self.agent.runner_socket.is_some(),
                 ) {
                     add(&key(leaf), msg);
                 }
@@ -661,6 +676,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.agent.state_dir, PathBuf::from("/etc/lib/x"));
+    }
+
+    #[test]
+    fn run_as_must_exist_when_enabled() {
+        let problems = |doc: &str| match parse(Path::new("/etc/vigil/vigil.toml"), doc) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
+            Err(e) => panic!("{e}"),
+        };
+        for kind in [
+            "[check.command.x]\ncommand = [\"/x\"]",
+            "[check.backup.walg.x]",
+            "[check.backup.barman.x]\nserver = \"pg\"",
+            "[check.backup.pgbackrest.x]\nstanza = \"main\"",
+        ] {
+            for runner in ["", "[agent]\nrunner_socket = \"/run/vigil/runner.sock\"\n"] {
+                let doc = format!("{runner}{kind}\nrun_as = \"vigil-no-such-user-x\"\n");
+                let p = problems(&doc);
+                assert_eq!(p.len(), 1, "{doc}: {p:?}");
+                assert!(
+                    p[0].contains(".x.run_as: run_as \"vigil-no-such-user-x\": no such user"),
+                    "{p:?}"
+                );
+                // Host facts are not looked at for a disabled check.
+                assert!(
+                    problems(&format!("{doc}enabled = false\n")).is_empty(),
+                    "{doc}"
+                );
+            }
+        }
+        let cfg = parse(
+            Path::new("/etc/vigil/vigil.toml"),
+            "[agent]\nrunner_socket = \"run/runner.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.agent.runner_socket,
+            Some(PathBuf::from("/etc/vigil/run/runner.sock"))
+        );
     }
 
     fn heartbeat_problems(table: &str) -> Vec<String> {

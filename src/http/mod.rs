@@ -236,7 +236,7 @@ async fn drain(graceful: GracefulShutdown) {
 
 /// Accept errors: a peer that went away is routine; running out of descriptors or memory
 /// is logged and retried after a pause instead of spinning.
-async fn accept_error(e: std::io::Error) {
+pub(crate) async fn accept_error(e: std::io::Error) {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock => {}

@@ -137,8 +137,14 @@ fn checked_dir(dir: &Path) -> Result<PathBuf, Refusal> {
 }
 
 /// The config-load checks of one enabled remediation: `(key leaf, message)` per problem.
-/// `me` is the agent's effective uid.
-pub fn check_at_load(dir: &Path, r: &RemediationConfig, me: u32) -> Vec<(&'static str, String)> {
+/// `me` is the agent's effective uid; `via_runner`: a privileged runner is configured, so
+/// `run_as` may name any existing user ([`crate::runner::Runner::usable_user`]).
+pub fn check_at_load(
+    dir: &Path,
+    r: &RemediationConfig,
+    me: u32,
+    via_runner: bool,
+) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
     if let Err(e) = check_script_at_load(dir, r, me) {
         let leaf = if e.code == "hash_mismatch" {
@@ -149,7 +155,7 @@ pub fn check_at_load(dir: &Path, r: &RemediationConfig, me: u32) -> Vec<(&'stati
         problems.push((leaf, e.detail));
     }
     if let Some(user) = &r.run_as {
-        if let Err(e) = crate::runner::Runner::in_process().can_run_as(user) {
+        if let Err(e) = crate::runner::Runner::usable_user(user, via_runner) {
             problems.push(("run_as", e.to_string()));
         }
     }

@@ -633,7 +633,17 @@ impl Engine {
         }
         let req = self.request(job, &spec);
         let run_started = Instant::now();
-        let outcome = self.inner.runner.run_sealed(&req, &sealed.fd).await;
+        // With a privileged runner, a `run_as` this agent cannot become is run by it: it
+        // seals the script again under its own guard and ignores our memfd.
+        let runner = match &config.agent.runner_socket {
+            Some(socket) => self.inner.runner.clone().via(crate::runner::Remote {
+                socket: socket.clone(),
+                op: crate::runner_service::Op::Remediation,
+                name: job.name.clone(),
+            }),
+            None => self.inner.runner.clone(),
+        };
+        let outcome = runner.run_sealed(&req, &sealed.fd).await;
         drop(sealed);
         let next = now.max(Instant::now())
             + cooldown

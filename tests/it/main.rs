@@ -42,6 +42,8 @@ mod reload;
 mod remediation;
 /// The program runner: process groups, timeouts, bounded output, cleared environment.
 mod runner;
+/// `vigil runner`, the privileged helper: SO_PEERCRED, its own allow-list and guard.
+mod runner_service;
 /// Heartbeat keys (`vigil keygen`) and RFC 9421 signatures checked by another implementation.
 mod signing;
 /// The heartbeat spool: crash recovery, corruption, overflow.

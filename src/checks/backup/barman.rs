@@ -40,7 +40,7 @@ use super::{
 };
 use crate::checks::{Check, CheckContext, CheckError, Common, Observation, Thresholds};
 use crate::config::types::Duration;
-use crate::runner::{Exit, Runner};
+use crate::runner::{Exit, Request, Runner};
 
 /// The binary run when `binary` is not set (looked up in the runner's `PATH`).
 pub const DEFAULT_BINARY: &str = "barman";
@@ -65,8 +65,9 @@ crate::check_config! {
 
 impl BarmanConfig {
     /// `server` must be a plain name (it becomes an argument); `binary` a name or an
-    /// absolute path; `run_as` usable when enabled.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+    /// absolute path. `run_as` is checked by the config's validation, which knows whether
+    /// a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if self.server.is_empty() || self.server.starts_with('-') || self.server == "all" {
             problems.push((
@@ -77,11 +78,7 @@ impl BarmanConfig {
                 ),
             ));
         }
-        problems.extend(validate_tool(
-            self.binary.as_deref(),
-            self.run_as.as_deref(),
-            enabled,
-        ));
+        problems.extend(validate_tool(self.binary.as_deref()));
         problems
     }
 }
@@ -94,7 +91,8 @@ pub struct BarmanCheck {
     env: IndexMap<String, String>,
     timeout: StdDuration,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl BarmanCheck {
@@ -112,16 +110,24 @@ impl BarmanCheck {
     }
 }
 
-impl Check for BarmanCheck {
-    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
-        let req = tool_request(
+impl BarmanCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        tool_request(
             self.binary.as_deref(),
             DEFAULT_BINARY,
             &["-f", "json", "list-backups", &self.server],
             &self.env,
             self.run_as.as_deref(),
             self.timeout,
-        );
+        )
+    }
+}
+
+impl Check for BarmanCheck {
+    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
+        let req = self.request();
         let outcome = run_program(&self.runner, &req).await?;
         // In JSON mode Barman's own errors are on stdout ({"_ERROR": [...]}), where
         // `first_error_line` would quote the JSON braces; quote the messages instead.

@@ -93,9 +93,9 @@ crate::check_config! {
 
 impl PgbackrestConfig {
     /// `stanza` must be set, `type` one of full/diff/incr, `binary` a name or an absolute
-    /// path, `env` names valid; when `enabled`, `run_as` must be a user this agent can run
-    /// programs as.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
+    /// path, `env` names valid. `run_as` is checked by the config's validation, which knows
+    /// whether a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if self.stanza.trim().is_empty() {
             problems.push(("stanza", "must not be empty".to_string()));
@@ -117,11 +117,7 @@ impl PgbackrestConfig {
         {
             problems.push(("env", format!("{bad:?} is not a valid variable name")));
         }
-        problems.extend(validate_tool(
-            self.binary.as_deref(),
-            self.run_as.as_deref(),
-            enabled,
-        ));
+        problems.extend(validate_tool(self.binary.as_deref()));
         problems
     }
 }
@@ -170,7 +166,8 @@ pub struct PgbackrestCheck {
     /// `Err` holds a `type` the config validation should have refused.
     backup_type: Result<Option<BackupType>, String>,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl PgbackrestCheck {
@@ -201,6 +198,14 @@ impl PgbackrestCheck {
             thresholds: age_thresholds(c.warn, c.crit),
             runner,
         }
+    }
+}
+
+impl PgbackrestCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        self.request.clone()
     }
 }
 
@@ -788,14 +793,10 @@ mod tests {
         let p = cfg("type = \"weekly\"").validate(false);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].0, "type");
-        let p = cfg("run_as = \"vigil-no-such-user-x\"").validate(true);
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].0, "run_as");
-        assert!(p[0].1.contains("no such user"), "{}", p[0].1);
-        // Host facts are not looked at for a disabled check.
+        // `run_as` is the config's business (config::tests::run_as_must_exist_when_enabled).
         assert!(
             cfg("run_as = \"vigil-no-such-user-x\"")
-                .validate(false)
+                .validate(true)
                 .is_empty()
         );
         let p = cfg("binary = \"bin/pgbackrest\"").validate(true);

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::checks::{Check, CheckContext, CheckError, Common, Observation, Thresholds};
 use crate::config::types::Duration;
-use crate::runner::Runner;
+use crate::runner::{Request, Runner};
 
 /// The binary run when `binary` is not set (looked up in the runner's `PATH`).
 pub const DEFAULT_BINARY: &str = "wal-g";
@@ -56,9 +56,10 @@ crate::check_config! {
 }
 
 impl WalgConfig {
-    /// `binary` must be a name or an absolute path; `run_as` must be usable when enabled.
-    pub fn validate(&self, enabled: bool) -> Vec<(&'static str, String)> {
-        validate_tool(self.binary.as_deref(), self.run_as.as_deref(), enabled)
+    /// `binary` must be a name or an absolute path. `run_as` is checked by the config's
+    /// validation, which knows whether a privileged runner is set.
+    pub fn validate(&self, _enabled: bool) -> Vec<(&'static str, String)> {
+        validate_tool(self.binary.as_deref())
     }
 }
 
@@ -69,7 +70,8 @@ pub struct WalgCheck {
     env: IndexMap<String, String>,
     timeout: StdDuration,
     thresholds: Thresholds,
-    runner: Runner,
+    /// Runs the program (in process, or via the privileged runner).
+    pub(crate) runner: Runner,
 }
 
 impl WalgCheck {
@@ -86,16 +88,24 @@ impl WalgCheck {
     }
 }
 
-impl Check for WalgCheck {
-    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
-        let req = tool_request(
+impl WalgCheck {
+    /// The program request, without running it (the privileged runner builds it from its
+    /// own config).
+    pub fn request(&self) -> Request {
+        tool_request(
             self.binary.as_deref(),
             DEFAULT_BINARY,
             ARGS,
             &self.env,
             self.run_as.as_deref(),
             self.timeout,
-        );
+        )
+    }
+}
+
+impl Check for WalgCheck {
+    async fn run(&mut self, _cx: &CheckContext) -> Result<Observation, CheckError> {
+        let req = self.request();
         let out = run_tool(&self.runner, &req).await?;
         let backups = parse_backup_list(&out.stdout)
             .map_err(|e| tool_error(format!("`{}`: {e}", super::command_line(&req))))?;
