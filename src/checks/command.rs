@@ -41,7 +41,7 @@ use std::time::Duration as StdDuration;
 use indexmap::IndexMap;
 
 use super::perfdata::{Family, PluginOutput, parse_plugin_output};
-use crate::checks::program::{run_program, tool_timeout};
+use crate::checks::program::{run_program, timed_out, tool_timeout};
 use crate::checks::{Check, CheckContext, CheckError, Common, Metric, Observation, Status};
 use crate::config::types::Number;
 use crate::runner::{Exit, Outcome, Request, Runner, cut_chars};
@@ -192,16 +192,7 @@ pub fn evaluate(req: &Request, outcome: &Outcome) -> Result<Observation, CheckEr
             )));
         }
         Exit::TimedOut => {
-            return Err(CheckError::io(
-                format!("running `{cmd}`"),
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within {}; its process group was killed",
-                        humantime::format_duration(req.timeout)
-                    ),
-                ),
-            ));
+            return Err(timed_out(req));
         }
     };
     let parsed = parse_plugin_output(&complete_text(&outcome.stdout, outcome.stdout_truncated));

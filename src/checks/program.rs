@@ -128,16 +128,7 @@ pub fn check_outcome(req: &Request, outcome: Outcome) -> Result<Outcome, CheckEr
             )));
         }
         Exit::TimedOut => {
-            return Err(CheckError::io(
-                format!("running `{cmd}`"),
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within {}; its process group was killed",
-                        humantime::format_duration(req.timeout)
-                    ),
-                ),
-            ));
+            return Err(timed_out(req));
         }
     }
     if outcome.stdout_truncated {
@@ -147,6 +138,20 @@ pub fn check_outcome(req: &Request, outcome: Outcome) -> Result<Outcome, CheckEr
         )));
     }
     Ok(outcome)
+}
+
+/// The program overran its timeout and its process group was killed.
+pub fn timed_out(req: &Request) -> CheckError {
+    CheckError::io(
+        format!("running `{}`", command_line(req)),
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer within {}; its process group was killed",
+                humantime::format_duration(req.timeout)
+            ),
+        ),
+    )
 }
 
 /// A tool that ran but failed, or whose answer makes no sense.
