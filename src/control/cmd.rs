@@ -312,7 +312,7 @@ async fn run(cfg: ControlFile) -> u8 {
     let app = match server::app(store, c, tls.is_some()) {
         Ok(a) => Arc::new(a),
         Err(e) => {
-            fail(format!("metrics: {e}"));
+            fail(e.to_string());
             return exit::SOFTWARE;
         }
     };

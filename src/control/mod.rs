@@ -7,7 +7,8 @@
 //! - [`cmd`]: the `vigil control` subcommands as the binary runs them;
 //! - [`body`]: the fields of a heartbeat the receiver reads;
 //! - [`routes`]: the endpoints; [`server`]: the listener, TLS, shutdown and background
-//!   tasks; [`metrics`]: `/metrics`; [`webhook`]: a POST per change of derived state.
+//!   tasks; [`metrics`]: `/metrics`; [`webhook`]: a POST per change of derived state;
+//! - [`verifier`]: Ed25519 checks batched across concurrent requests.
 pub mod body;
 pub mod cmd;
 pub mod config;
@@ -15,4 +16,5 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod verifier;
 pub mod webhook;

@@ -38,6 +38,7 @@ use super::metrics::Metrics;
 use super::store::{
     AcceptOutcome, HostFilter, HostView, Incoming, Page, Store, StoreError, epoch_ms,
 };
+use super::verifier::Verifier;
 use crate::heartbeat::sign::{self, Received, VerifyError};
 use crate::lifecycle::HostState;
 
@@ -67,6 +68,8 @@ pub struct App<S> {
     pub overdue_after: Duration,
     /// The metrics.
     pub metrics: Metrics,
+    /// The Ed25519 checks, batched.
+    pub verifier: Verifier,
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
@@ -326,7 +329,16 @@ where
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let t = Instant::now();
-    let verified = sign::verify(key, &req, now, app.max_skew);
+    let verified = match sign::prepare(key, &req, now, app.max_skew) {
+        Ok((signed, rest)) => {
+            let ok = app
+                .verifier
+                .verify(*key.verifying_key(), signed.message, signed.signature)
+                .await;
+            rest.finish(ok)
+        }
+        Err(e) => Err(e),
+    };
     m.verify.observe(t.elapsed().as_secs_f64());
     if let Err(e) = verified {
         let reason = verify_reason(&e);

@@ -40,6 +40,7 @@ use super::config::ControlConfig;
 use super::metrics::{ALL_STATES, Metrics};
 use super::routes::{self, App};
 use super::store::{Store, epoch_ms};
+use super::verifier::Verifier;
 use super::webhook::{self, Change};
 use crate::lifecycle::HostState;
 
@@ -139,12 +140,25 @@ pub fn tls_acceptor(c: &ControlConfig) -> Result<Option<TlsAcceptor>, StartError
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
-/// Builds the shared handler state.
+/// Why the handler state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The metrics could not be registered (a programming error).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The OS refused a verify thread.
+    #[error("starting the verify threads: {0}")]
+    Threads(#[from] std::io::Error),
+}
+
+/// Builds the shared handler state, with one verify thread per CPU.
 ///
 /// # Errors
-/// Only if the metrics cannot be registered (a programming error).
-pub fn app<S: Store>(store: S, c: &ControlConfig, tls: bool) -> Result<App<S>, prometheus::Error> {
+/// [`AppError`].
+pub fn app<S: Store>(store: S, c: &ControlConfig, tls: bool) -> Result<App<S>, AppError> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     Ok(App {
+        verifier: Verifier::start(cpus)?,
         store,
         public_url: c.public_url.as_ref().map(|u| u.as_str().to_string()),
         scheme: if tls { "https" } else { "http" },

@@ -157,7 +157,7 @@ impl PublicKey {
     ///
     /// # Errors
     /// [`KeyError::BadPublicKey`] when the text is not base64 of 32 bytes, or the bytes are
-    /// not a valid Ed25519 point.
+    /// not a valid Ed25519 point, or a small-order one.
     pub fn from_b64(text: &str) -> Result<PublicKey, KeyError> {
         let bad = |reason: String| KeyError::BadPublicKey {
             text: text.to_string(),
@@ -171,6 +171,12 @@ impl PublicKey {
             .try_into()
             .map_err(|_| bad(format!("{} bytes", bytes.len())))?;
         let key = VerifyingKey::from_bytes(&raw).map_err(|_| bad("not an Ed25519 point".into()))?;
+        // A small-order key verifies forged signatures with a fair chance under the
+        // batched (cofactorless) check the control plane uses, and no real key is one:
+        // refuse it where it enters, at enrolment.
+        if key.is_weak() {
+            return Err(bad("a small-order (weak) Ed25519 point".into()));
+        }
         Ok(PublicKey::from_verifying_key(key))
     }
 
@@ -545,5 +551,19 @@ mod tests {
         assert_eq!(p.info(), key.info());
         assert!(PublicKey::from_b64("AAAA").is_err());
         assert!(PublicKey::from_b64("not base64!").is_err());
+    }
+
+    #[test]
+    fn small_order_public_keys_are_refused() {
+        // The identity (y = 1) and the order-2 point (y = -1): valid encodings, weak keys.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut order2 = [0xffu8; 32];
+        order2[0] = 0xec;
+        order2[31] = 0x7f;
+        for raw in [identity, order2] {
+            let err = PublicKey::from_b64(&STANDARD.encode(raw)).unwrap_err();
+            assert!(err.to_string().contains("small-order"), "{err}");
+        }
     }
 }

@@ -270,6 +270,58 @@ pub fn verify(
     now: u64,
     max_skew: Duration,
 ) -> Result<VerifiedParams, VerifyError> {
+    let (signed, rest) = prepare(public_key, req, now, max_skew)?;
+    let ok = public_key
+        .verifying_key()
+        .verify_strict(&signed.message, &signed.signature)
+        .is_ok();
+    rest.finish(ok)
+}
+
+/// What the Ed25519 check needs: the signature base and the signature.
+#[derive(Debug)]
+pub struct Signed {
+    /// The RFC 9421 signature base rebuilt from the request.
+    pub message: Vec<u8>,
+    /// The signature from the `Signature` header.
+    pub signature: Signature,
+}
+
+/// The rest of [`verify`] after the Ed25519 check: the digest against the body.
+#[derive(Debug)]
+pub struct AfterSignature<'a> {
+    digest: &'a str,
+    body: &'a [u8],
+    params: VerifiedParams,
+}
+
+impl AfterSignature<'_> {
+    /// Ends the verification with the Ed25519 check's answer.
+    ///
+    /// # Errors
+    /// [`VerifyError::BadSignature`] when `signature_ok` is false, else the digest's
+    /// [`VerifyError`].
+    pub fn finish(self, signature_ok: bool) -> Result<VerifiedParams, VerifyError> {
+        if !signature_ok {
+            return Err(VerifyError::BadSignature);
+        }
+        check_digest(self.digest, self.body)?;
+        Ok(self.params)
+    }
+}
+
+/// [`verify`] in two halves, for a receiver that checks many Ed25519 signatures in one
+/// batch: everything before the Ed25519 check (same order, same errors), and what it
+/// needs. Check [`Signed`] with `public_key`, then call [`AfterSignature::finish`].
+///
+/// # Errors
+/// The first [`VerifyError`] met before the Ed25519 check.
+pub fn prepare<'a>(
+    public_key: &PublicKey,
+    req: &Received<'a>,
+    now: u64,
+    max_skew: Duration,
+) -> Result<(Signed, AfterSignature<'a>), VerifyError> {
     let input_text = req
         .signature_input
         .ok_or(VerifyError::MissingHeader("Signature-Input"))?;
@@ -324,13 +376,17 @@ pub fn verify(
         values.push((name, value.map_err(|e| bad(name, e))?));
     }
     let base = signature_base(&values, &params.serialized);
-    public_key
-        .verifying_key()
-        .verify_strict(base.as_bytes(), &signature)
-        .map_err(|_| VerifyError::BadSignature)?;
-
-    check_digest(digest_text, req.body)?;
-    Ok(VerifiedParams { created, key_id })
+    Ok((
+        Signed {
+            message: base.into_bytes(),
+            signature,
+        },
+        AfterSignature {
+            digest: digest_text,
+            body: req.body,
+            params: VerifiedParams { created, key_id },
+        },
+    ))
 }
 
 /// RFC 9651 §3.3.1: integers have at most 15 digits.
