@@ -7,7 +7,12 @@
 //! Only names vigil itself writes are removed ([`STATE_ENTRIES`] in `state_dir`, plus the
 //! configured key file), never "everything in the directory": a `state_dir` pointed at a
 //! shared directory by mistake must not be emptied. The host id is never cached (it is
-//! read from `/etc/machine-id` at each start), so there is nothing else to forget.
+//! read from `/etc/machine-id` at each start), so there is nothing else to forget in
+//! `state_dir`; but a machine id baked into the image itself gives every host booted from
+//! it the same host id, so [`machine_id_warnings`] says so (a warning: clearing the machine
+//! id is the image build's job, usually its last step, and not vigil's to do).
+//!
+//! Nothing here writes to `/etc`: prep works on an image whose `/etc` is read-only.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -80,6 +85,51 @@ pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
         }
     }
     Ok(removed)
+}
+
+/// What `image prep` warns about when `root` (`/` in `vigil image prep`) still carries a
+/// machine id: a non-empty `etc/machine-id`, or a `var/lib/dbus/machine-id` (systemd
+/// copies D-Bus's id into an empty `/etc/machine-id` at boot). Every host booted from
+/// such an image gets the same machine id, so, with `host_id = "auto"`, the same host id.
+/// Each line names the file and the fix. An unreadable file is reported too: whether it
+/// holds an id cannot be told.
+pub fn machine_id_warnings(root: &Path) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let etc = root.join("etc/machine-id");
+    match std::fs::read(&etc) {
+        Ok(id) if id.iter().all(u8::is_ascii_whitespace) => {}
+        Ok(_) => warnings.push(format!(
+            "{} is not empty: every host booted from this image gets the same machine id, \
+             and with host_id = \"auto\" the same host id; clear it as the image's last \
+             step: truncate -s0 {}",
+            etc.display(),
+            etc.display()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "{}: {e}; an image must not carry a machine id (truncate -s0 {})",
+            etc.display(),
+            etc.display()
+        )),
+    }
+    let dbus = root.join("var/lib/dbus/machine-id");
+    match std::fs::symlink_metadata(&dbus) {
+        // Debian links it to /etc/machine-id; as a link it adds nothing of its own.
+        Ok(m) if m.file_type().is_symlink() => {}
+        Ok(_) => warnings.push(format!(
+            "{} exists: systemd copies it into an empty /etc/machine-id at boot, so every \
+             host booted from this image gets the same machine id; remove it: rm {}",
+            dbus.display(),
+            dbus.display()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "{}: {e}; an image must not carry a machine id (rm {})",
+            dbus.display(),
+            dbus.display()
+        )),
+    }
+    warnings
 }
 
 /// Takes the agent's lock if the directory exists (`None` when there is no directory, so
@@ -167,6 +217,42 @@ mod tests {
         );
         assert!(state.join("notes.txt").exists(), "unknown files are kept");
         assert!(prep(&config(&state, Some(&key)), false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn warns_about_a_machine_id_in_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        // No files at all (a tree without systemd), then empty ones: nothing to say.
+        assert!(machine_id_warnings(root).is_empty());
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("var/lib/dbus")).unwrap();
+        std::fs::write(root.join("etc/machine-id"), b"").unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+        std::fs::write(root.join("etc/machine-id"), b"\n").unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+        // Debian's link from D-Bus's id to systemd's is not an id of its own.
+        std::os::unix::fs::symlink("/etc/machine-id", root.join("var/lib/dbus/machine-id"))
+            .unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+
+        std::fs::write(
+            root.join("etc/machine-id"),
+            b"0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        let w = machine_id_warnings(root);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("etc/machine-id is not empty"), "{w:?}");
+        assert!(w[0].contains("truncate -s0 "), "{w:?}");
+
+        std::fs::remove_file(root.join("var/lib/dbus/machine-id")).unwrap();
+        std::fs::write(root.join("var/lib/dbus/machine-id"), b"0123\n").unwrap();
+        std::fs::write(root.join("etc/machine-id"), b"").unwrap();
+        let w = machine_id_warnings(root);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("var/lib/dbus/machine-id exists"), "{w:?}");
+        assert!(w[0].contains("rm "), "{w:?}");
     }
 
     #[test]
