@@ -46,6 +46,16 @@ pub enum PrepError {
         /// The state directory.
         dir: PathBuf,
     },
+    /// A path that would be removed cannot be (a read-only file system, no permission);
+    /// found before anything was removed.
+    #[error("{} cannot be removed: {source}; nothing was removed", path.display())]
+    NotRemovable {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Something could not be removed.
     #[error("removing {}: {source}", path.display())]
     Remove {
@@ -60,9 +70,14 @@ pub enum PrepError {
 /// Removes the host-unique state of `config`; returns what was removed. Refuses while an
 /// agent holds the state directory unless `force`.
 ///
+/// Every path that exists is first checked to be removable (its directory writable, e.g.
+/// a key file under a read-only `/etc`), so such a prep fails before it removes
+/// anything rather than half-way.
+///
 /// # Errors
-/// [`PrepError::AgentRunning`], or [`PrepError::Remove`] for the first path that could
-/// not be removed (what was removed before it stays removed; running again continues).
+/// [`PrepError::AgentRunning`]; [`PrepError::NotRemovable`] before anything was removed;
+/// or [`PrepError::Remove`] for the first path that could not be removed after all (what
+/// was removed before it stays removed; running again continues).
 pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
     let dir = &config.agent.state_dir;
     // Hold the agent's lock while removing, so an agent starting meanwhile waits for us
@@ -78,8 +93,19 @@ pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
             paths.push(hb.key_file.clone());
         }
     }
-    let mut removed = Vec::new();
+    let mut present = Vec::new();
     for path in paths {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                removable(&path, meta.is_dir())?;
+                present.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PrepError::NotRemovable { path, source }),
+        }
+    }
+    let mut removed = Vec::new();
+    for path in present {
         if remove(&path)? {
             removed.push(path);
         }
@@ -130,6 +156,30 @@ pub fn machine_id_warnings(root: &Path) -> Vec<String> {
         )),
     }
     warnings
+}
+
+/// Whether `path` can be removed: its directory (and, for a directory, itself: its
+/// entries go first) must be writable and searchable. `access(2)` also says EROFS for a
+/// read-only file system, which root's permissions do not override.
+fn removable(path: &Path, is_dir: bool) -> Result<(), PrepError> {
+    use nix::unistd::{AccessFlags, access};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut dirs = vec![parent];
+    if is_dir {
+        dirs.push(path);
+    }
+    for dir in dirs {
+        access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|errno| {
+            PrepError::NotRemovable {
+                path: path.to_path_buf(),
+                source: errno.into(),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Takes the agent's lock if the directory exists (`None` when there is no directory, so
@@ -217,6 +267,30 @@ mod tests {
         );
         assert!(state.join("notes.txt").exists(), "unknown files are kept");
         assert!(prep(&config(&state, Some(&key)), false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_path_it_cannot_remove_stops_it_before_it_removes_anything() {
+        use std::os::unix::fs::PermissionsExt;
+        if nix::unistd::geteuid().is_root() {
+            // Root's permissions override the mode; .ci/systemd-it covers this as root
+            // with a key file under a read-only /etc.
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("lifecycle.json"), b"{}").unwrap();
+        let etc = d.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("key.pem"), b"k").unwrap();
+        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o555)).unwrap();
+
+        let e = prep(&config(&state, Some(&etc.join("key.pem"))), false).unwrap_err();
+        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(e, PrepError::NotRemovable { .. }), "{e}");
+        assert!(e.to_string().contains("nothing was removed"), "{e}");
+        assert!(state.join("lifecycle.json").exists(), "nothing removed");
     }
 
     #[test]
