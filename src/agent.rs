@@ -35,7 +35,7 @@ use crate::telemetry::LevelHandle;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The state directory cannot be created or written.
-    #[error("state directory {}: {source}", path.display())]
+    #[error("state directory {} ([agent].state_dir): {source}{}", path.display(), state_dir_hint(source))]
     StateDir {
         /// The directory.
         path: PathBuf,
@@ -62,10 +62,39 @@ pub enum AgentError {
     Signals(#[source] std::io::Error),
 }
 
+/// What to do about a state directory the agent may not write: under the packaged unit
+/// only `/var/lib/vigil` is writable (`ProtectSystem=strict`, `StateDirectory=vigil`), so a
+/// `state_dir` elsewhere fails with a read-only file system, not with a missing directory.
+fn state_dir_hint(e: &std::io::Error) -> &'static str {
+    if state_dir_is_misconfigured(e) {
+        "; the agent's user must be able to create and write it (under the packaged \
+             unit only /var/lib/vigil is writable: keep state_dir there, or add the \
+             directory to ReadWritePaths= in a drop-in)"
+    } else {
+        ""
+    }
+}
+
+/// Whether creating or writing the state directory failed for a reason the config must
+/// fix: read-only, no permission, or a path through a file.
+fn state_dir_is_misconfigured(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EROFS | Errno::EACCES | Errno::EPERM | Errno::ENOTDIR)
+    )
+}
+
 impl AgentError {
     /// The sysexits code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
+            // A state_dir the agent may never write (read-only, not its own, not a
+            // directory) is the config's fault, and a restart cannot fix it: 78, which
+            // the unit's RestartPreventExitStatus= stops on. Anything else (a full disk,
+            // an I/O error, another agent holding the lock) may pass: 73, restarted.
+            AgentError::StateDir { source, .. } if state_dir_is_misconfigured(source) => {
+                crate::exit::CONFIG
+            }
             AgentError::StateDir { .. } | AgentError::Lifecycle(_) => crate::exit::CANTCREAT,
             AgentError::Listen { .. } => crate::exit::UNAVAILABLE,
             AgentError::Signals(_) => crate::exit::SOFTWARE,
@@ -372,4 +401,34 @@ fn reload(
     shared.update(|s| s.config_error = None);
     info!(added, removed, changed, "config reloaded");
     *running = new;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_dir_error(errno: Errno) -> AgentError {
+        AgentError::StateDir {
+            path: PathBuf::from("/srv/vigil"),
+            source: std::io::Error::from_raw_os_error(errno as i32),
+        }
+    }
+
+    #[test]
+    fn a_state_dir_the_agent_may_not_write_is_a_config_error() {
+        for errno in [Errno::EROFS, Errno::EACCES, Errno::EPERM, Errno::ENOTDIR] {
+            let e = state_dir_error(errno);
+            assert_eq!(e.exit_code(), crate::exit::CONFIG, "{errno}");
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("state directory /srv/vigil ([agent].state_dir): "),
+                "{msg}"
+            );
+            assert!(msg.contains("ReadWritePaths="), "{msg}");
+        }
+        // A full disk may pass: restarted (73), and no hint about the config.
+        let e = state_dir_error(Errno::ENOSPC);
+        assert_eq!(e.exit_code(), crate::exit::CANTCREAT);
+        assert!(!e.to_string().contains("ReadWritePaths="), "{e}");
+    }
 }

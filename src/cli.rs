@@ -162,7 +162,9 @@ pub enum ConfigCommand {
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Remove host-unique state (heartbeat key, sequence, spool, lifecycle) before the
-    /// image is snapshotted; refused while the agent runs.
+    /// image is snapshotted; refused while the agent runs. Warns (on stderr) when the
+    /// image still has a machine id (/etc/machine-id not empty, or
+    /// /var/lib/dbus/machine-id), which would give every host the same host id.
     Prep {
         #[command(flatten)]
         config: ConfigArg,

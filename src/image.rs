@@ -7,7 +7,12 @@
 //! Only names vigil itself writes are removed ([`STATE_ENTRIES`] in `state_dir`, plus the
 //! configured key file), never "everything in the directory": a `state_dir` pointed at a
 //! shared directory by mistake must not be emptied. The host id is never cached (it is
-//! read from `/etc/machine-id` at each start), so there is nothing else to forget.
+//! read from `/etc/machine-id` at each start), so there is nothing else to forget in
+//! `state_dir`; but a machine id baked into the image itself gives every host booted from
+//! it the same host id, so [`machine_id_warnings`] says so (a warning: clearing the machine
+//! id is the image build's job, usually its last step, and not vigil's to do).
+//!
+//! Nothing here writes to `/etc`: prep works on an image whose `/etc` is read-only.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -41,6 +46,16 @@ pub enum PrepError {
         /// The state directory.
         dir: PathBuf,
     },
+    /// A path that would be removed cannot be (a read-only file system, no permission);
+    /// found before anything was removed.
+    #[error("{} cannot be removed: {source}; nothing was removed", path.display())]
+    NotRemovable {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Something could not be removed.
     #[error("removing {}: {source}", path.display())]
     Remove {
@@ -55,9 +70,14 @@ pub enum PrepError {
 /// Removes the host-unique state of `config`; returns what was removed. Refuses while an
 /// agent holds the state directory unless `force`.
 ///
+/// Every path that exists is first checked to be removable (its directory writable, e.g.
+/// a key file under a read-only `/etc`), so such a prep fails before it removes
+/// anything rather than half-way.
+///
 /// # Errors
-/// [`PrepError::AgentRunning`], or [`PrepError::Remove`] for the first path that could
-/// not be removed (what was removed before it stays removed; running again continues).
+/// [`PrepError::AgentRunning`]; [`PrepError::NotRemovable`] before anything was removed;
+/// or [`PrepError::Remove`] for the first path that could not be removed after all (what
+/// was removed before it stays removed; running again continues).
 pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
     let dir = &config.agent.state_dir;
     // Hold the agent's lock while removing, so an agent starting meanwhile waits for us
@@ -73,13 +93,93 @@ pub fn prep(config: &Config, force: bool) -> Result<Vec<PathBuf>, PrepError> {
             paths.push(hb.key_file.clone());
         }
     }
-    let mut removed = Vec::new();
+    let mut present = Vec::new();
     for path in paths {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                removable(&path, meta.is_dir())?;
+                present.push(path);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PrepError::NotRemovable { path, source }),
+        }
+    }
+    let mut removed = Vec::new();
+    for path in present {
         if remove(&path)? {
             removed.push(path);
         }
     }
     Ok(removed)
+}
+
+/// What `image prep` warns about when `root` (`/` in `vigil image prep`) still carries a
+/// machine id: a non-empty `etc/machine-id`, or a `var/lib/dbus/machine-id` (systemd
+/// copies D-Bus's id into an empty `/etc/machine-id` at boot). Every host booted from
+/// such an image gets the same machine id, so, with `host_id = "auto"`, the same host id.
+/// Each line names the file and the fix. An unreadable file is reported too: whether it
+/// holds an id cannot be told.
+pub fn machine_id_warnings(root: &Path) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let etc = root.join("etc/machine-id");
+    match std::fs::read(&etc) {
+        Ok(id) if id.iter().all(u8::is_ascii_whitespace) => {}
+        Ok(_) => warnings.push(format!(
+            "{} is not empty: every host booted from this image gets the same machine id, \
+             and with host_id = \"auto\" the same host id; clear it as the image's last \
+             step: truncate -s0 {}",
+            etc.display(),
+            etc.display()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "{}: {e}; an image must not carry a machine id (truncate -s0 {})",
+            etc.display(),
+            etc.display()
+        )),
+    }
+    let dbus = root.join("var/lib/dbus/machine-id");
+    match std::fs::symlink_metadata(&dbus) {
+        // Debian links it to /etc/machine-id; as a link it adds nothing of its own.
+        Ok(m) if m.file_type().is_symlink() => {}
+        Ok(_) => warnings.push(format!(
+            "{} exists: systemd copies it into an empty /etc/machine-id at boot, so every \
+             host booted from this image gets the same machine id; remove it: rm {}",
+            dbus.display(),
+            dbus.display()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "{}: {e}; an image must not carry a machine id (rm {})",
+            dbus.display(),
+            dbus.display()
+        )),
+    }
+    warnings
+}
+
+/// Whether `path` can be removed: its directory (and, for a directory, itself: its
+/// entries go first) must be writable and searchable. `access(2)` also says EROFS for a
+/// read-only file system, which root's permissions do not override.
+fn removable(path: &Path, is_dir: bool) -> Result<(), PrepError> {
+    use nix::unistd::{AccessFlags, access};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut dirs = vec![parent];
+    if is_dir {
+        dirs.push(path);
+    }
+    for dir in dirs {
+        access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|errno| {
+            PrepError::NotRemovable {
+                path: path.to_path_buf(),
+                source: errno.into(),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Takes the agent's lock if the directory exists (`None` when there is no directory, so
@@ -167,6 +267,66 @@ mod tests {
         );
         assert!(state.join("notes.txt").exists(), "unknown files are kept");
         assert!(prep(&config(&state, Some(&key)), false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_path_it_cannot_remove_stops_it_before_it_removes_anything() {
+        use std::os::unix::fs::PermissionsExt;
+        if nix::unistd::geteuid().is_root() {
+            // Root's permissions override the mode; .ci/systemd-it covers this as root
+            // with a key file under a read-only /etc.
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("lifecycle.json"), b"{}").unwrap();
+        let etc = d.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("key.pem"), b"k").unwrap();
+        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o555)).unwrap();
+
+        let e = prep(&config(&state, Some(&etc.join("key.pem"))), false).unwrap_err();
+        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(e, PrepError::NotRemovable { .. }), "{e}");
+        assert!(e.to_string().contains("nothing was removed"), "{e}");
+        assert!(state.join("lifecycle.json").exists(), "nothing removed");
+    }
+
+    #[test]
+    fn warns_about_a_machine_id_in_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        // No files at all (a tree without systemd), then empty ones: nothing to say.
+        assert!(machine_id_warnings(root).is_empty());
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("var/lib/dbus")).unwrap();
+        std::fs::write(root.join("etc/machine-id"), b"").unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+        std::fs::write(root.join("etc/machine-id"), b"\n").unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+        // Debian's link from D-Bus's id to systemd's is not an id of its own.
+        std::os::unix::fs::symlink("/etc/machine-id", root.join("var/lib/dbus/machine-id"))
+            .unwrap();
+        assert!(machine_id_warnings(root).is_empty());
+
+        std::fs::write(
+            root.join("etc/machine-id"),
+            b"0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        let w = machine_id_warnings(root);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("etc/machine-id is not empty"), "{w:?}");
+        assert!(w[0].contains("truncate -s0 "), "{w:?}");
+
+        std::fs::remove_file(root.join("var/lib/dbus/machine-id")).unwrap();
+        std::fs::write(root.join("var/lib/dbus/machine-id"), b"0123\n").unwrap();
+        std::fs::write(root.join("etc/machine-id"), b"").unwrap();
+        let w = machine_id_warnings(root);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("var/lib/dbus/machine-id exists"), "{w:?}");
+        assert!(w[0].contains("rm "), "{w:?}");
     }
 
     #[test]

@@ -282,6 +282,10 @@ fn image_prep(flag: Option<&Path>, force: bool) -> u8 {
             if removed.is_empty() {
                 println!("nothing host-unique in {}", cfg.agent.state_dir.display());
             }
+            // Not vigil's state, so a warning rather than a removal or a failure.
+            for w in vigil::image::machine_id_warnings(Path::new("/")) {
+                fail(format!("warning: {w}"));
+            }
             exit::OK
         }
         Err(e @ vigil::image::PrepError::AgentRunning { .. }) => {
