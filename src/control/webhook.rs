@@ -23,7 +23,9 @@
 //! The sender claims each change just before its call ([`Store::claim_notified`]). On
 //! PostgreSQL the claim is one atomic `UPDATE`, so of several receivers on one database
 //! that all notice a change exactly one calls the webhook. A call cut short by shutdown
-//! gives its claim back ([`Store::release_notified`]) and is sent after the restart.
+//! gives its claim back ([`Store::release_notified`]) and is sent after the restart; a
+//! try already under way when shutdown comes is let finish (at most [`TRY_TIMEOUT`]),
+//! since only its answer tells whether the webhook got the change.
 //! Limits, by design:
 //! - a change whose every try failed is logged (`webhook call failed; change not
 //!   delivered`, with the host and both states) and counted
@@ -128,8 +130,29 @@ pub async fn send_loop<S: Store>(
             }
         }
         let body = Bytes::from(serde_json::to_vec(&change).unwrap_or_default());
-        let send = || client.post(body.clone());
-        let result = send
+        // A try under way is never cut by shutdown (it is bounded by TRY_TIMEOUT): only
+        // its answer tells whether the webhook got the change. Shutdown cuts the pause
+        // between tries, and no try starts after it.
+        let send = || async {
+            if shutdown.is_cancelled() {
+                return Err(TryError {
+                    message: "stopping".into(),
+                    retryable: false,
+                });
+            }
+            client.post(body.clone()).await
+        };
+        let stop = shutdown.clone();
+        let pause = move |d: Duration| {
+            let shutdown = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        };
+        let outcome = send
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_secs(1))
@@ -137,18 +160,17 @@ pub async fn send_loop<S: Store>(
                     .with_max_times(MAX_TRIES - 1)
                     .with_jitter(),
             )
-            .sleep(tokio::time::sleep)
+            .sleep(pause)
             .when(|e: &TryError| e.retryable)
             .notify(|e: &TryError, after| {
                 debug!(error = %e.message, retry_in = ?after, "webhook call failed; retrying");
-            });
-        let outcome = tokio::select! {
-            _ = shutdown.cancelled() => {
-                release(&*app, &change).await;
-                return;
-            }
-            r = result => r,
-        };
+            })
+            .await;
+        if outcome.is_err() && shutdown.is_cancelled() {
+            // Not delivered, and stopping: sent again after the restart.
+            release(&*app, &change).await;
+            return;
+        }
         match outcome {
             Ok(()) => app.metrics.webhook.with_label_values(&["ok"]).inc(),
             Err(e) => {
