@@ -192,7 +192,9 @@ async fn release<S: Store>(app: &App<S>, c: &Change) {
         Ok(Err(e)) => {
             warn!(host_id = %c.host_id, error = %e, "cannot give back an unsent webhook change; it is lost")
         }
-        Err(_) => warn!(host_id = %c.host_id, "giving back an unsent webhook change timed out; it is lost"),
+        Err(_) => {
+            warn!(host_id = %c.host_id, "giving back an unsent webhook change timed out; it is lost")
+        }
     }
 }
 

@@ -784,7 +784,10 @@ async fn until_uncertain(plane: &Plane, n: usize) {
         if m.as_str().unwrap().contains(&needle) {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "{needle} missing:\n{m}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{needle} missing:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -820,19 +823,23 @@ async fn webhook_changes_missed_while_the_plane_was_down_are_sent_after_the_rest
     tokio::time::sleep((OVERDUE + Duration::from_secs(1)).saturating_sub(posted.elapsed())).await;
     assert_eq!(hook.pending(), vec![], "no call while the plane is down");
     let rx = plane.start();
-    let (v, code) = match tokio::time::timeout(Duration::from_secs(10), hook.calls.recv()).await {
-        Ok(Some(c)) => c,
-        _ => panic!(
+    let Ok(Some((v, code))) =
+        tokio::time::timeout(Duration::from_secs(10), hook.calls.recv()).await
+    else {
+        panic!(
             "no call after the restart; notified.json: {:?}\nlog:\n{}",
             std::fs::read_to_string(plane.dir.path().join("state/notified.json")),
             rx.logs()
-        ),
+        );
     };
     assert_eq!(
         (change(&v), code),
         (triple("db-1", "available", "uncertain"), 200)
     );
-    assert_eq!((&v["seq"], &v["reported_state"]), (&json!(1), &json!("available")));
+    assert_eq!(
+        (&v["seq"], &v["reported_state"]),
+        (&json!(1), &json!("available"))
+    );
     hook.assert_none_for(Duration::from_secs(3)).await;
 
     // A change still being retried when the plane stops is sent after the restart.

@@ -9,7 +9,8 @@ use super::postgresql::PgStore;
 use std::collections::HashMap;
 
 use super::{
-    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, Page, PruneStats, Store, StoreError,
+    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, Page, PruneStats,
+    Store, StoreError,
 };
 use crate::heartbeat::keys::PublicKey;
 use crate::lifecycle::HostState;

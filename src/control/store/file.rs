@@ -93,8 +93,8 @@ use tracing::{error, info, warn};
 use super::enrollment::Journal;
 use super::frame::{self, Next, Reader};
 use super::{
-    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page, PruneStats,
-    Store, StoreError, epoch_ms,
+    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page,
+    PruneStats, Store, StoreError, epoch_ms,
 };
 use crate::control::body;
 use crate::heartbeat::keys::PublicKey;
@@ -309,7 +309,10 @@ impl FileStore {
     }
 
     /// Runs `f` on the notified map, reading the file first if it was not yet.
-    fn with_notified<T>(&self, f: impl FnOnce(&mut HashMap<String, HostState>, &mut bool) -> T) -> T {
+    fn with_notified<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, HostState>, &mut bool) -> T,
+    ) -> T {
         let mut n = self
             .inner
             .notified
@@ -576,9 +579,8 @@ impl FileStore {
                 v: NOTIFIED_VERSION,
                 hosts: map.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             };
-            let bytes = serde_json::to_vec(&doc).map_err(|e| {
-                StoreError::Failed(format!("encoding {}: {e}", path.display()))
-            })?;
+            let bytes = serde_json::to_vec(&doc)
+                .map_err(|e| StoreError::Failed(format!("encoding {}: {e}", path.display())))?;
             n.dirty = false;
             bytes
         };
@@ -1456,9 +1458,21 @@ mod tests {
             )
             .await
             .unwrap();
-            assert!(s.claim_notified("h1", HostState::Uncertain, 2).await.unwrap());
-            assert!(!s.claim_notified("h1", HostState::Uncertain, 3).await.unwrap());
-            assert!(s.claim_notified("h2", HostState::Available, 4).await.unwrap());
+            assert!(
+                s.claim_notified("h1", HostState::Uncertain, 2)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !s.claim_notified("h1", HostState::Uncertain, 3)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                s.claim_notified("h2", HostState::Available, 4)
+                    .await
+                    .unwrap()
+            );
             // A call cut short gives the claim back.
             s.release_notified("h2", HostState::Available, 4, HostState::Uncertain)
                 .await

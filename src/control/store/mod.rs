@@ -330,7 +330,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The derived state last notified to the webhook per host, as persisted (hosts never
     /// notified are absent). The webhook's module doc has the design.
-    fn notified(&self) -> impl Future<Output = Result<HashMap<String, HostState>, StoreError>> + Send;
+    fn notified(
+        &self,
+    ) -> impl Future<Output = Result<HashMap<String, HostState>, StoreError>> + Send;
 
     /// Records `states` as notified for the hosts that have no notified state yet: the
     /// baseline the first tracker round learns, without a webhook call.

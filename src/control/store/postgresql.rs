@@ -86,8 +86,8 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use tracing::{info, warn};
 
 use super::{
-    AcceptOutcome, BulkEnrolled, EnrolledKey, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page,
-    PruneStats, Store, StoreError, epoch_ms,
+    AcceptOutcome, BulkEnrolled, EnrolledKey, HostBrief, HostFilter, HostView, Incoming,
+    LastHeartbeat, Page, PruneStats, Store, StoreError, epoch_ms,
 };
 use crate::control::body::{self, Summary};
 use crate::control::metrics::ALL_STATES;
@@ -131,7 +131,7 @@ const SESSION_SETUP: &str = "SET synchronous_commit = on; SET statement_timeout 
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
-    "CREATE TABLE hosts (
+        "CREATE TABLE hosts (
          host_id text COLLATE \"C\" PRIMARY KEY,
          last_seq bigint NOT NULL DEFAULT 0,
          received_ms bigint,
@@ -1207,7 +1207,10 @@ impl PgStore {
         let mut new = 0usize;
         for chunk in keys.chunks(BULK_CHUNK) {
             let ids: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
-            let kids: Vec<&str> = chunk.iter().map(|(_, k)| k.info().key_id.as_str()).collect();
+            let kids: Vec<&str> = chunk
+                .iter()
+                .map(|(_, k)| k.info().key_id.as_str())
+                .collect();
             let pubs: Vec<&str> = chunk
                 .iter()
                 .map(|(_, k)| k.info().public_key_b64.as_str())
