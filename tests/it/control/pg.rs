@@ -498,6 +498,53 @@ async fn two_receivers_on_one_database_send_each_webhook_change_once() {
         ),
         "uncertain"
     );
+
+    // A change still being retried when both stop is given back, and sent once after
+    // their restart.
+    hook.answer(500);
+    let posted = Instant::now();
+    assert_eq!(post(&ca, &k, &body("db-hook", 3, "available")).await.0, 200);
+    let (v, code) = hook.next("a try answered 500").await;
+    assert_eq!(
+        (change(&v), code),
+        (triple("db-hook", "uncertain", "available"), 500)
+    );
+    assert_eq!(ra.stop(), Some(0));
+    assert_eq!(rb.stop(), Some(0));
+    assert_eq!(
+        sql(
+            c,
+            &db,
+            "SELECT notified_state FROM hosts WHERE host_id = 'db-hook'"
+        ),
+        "uncertain",
+        "the claim was given back"
+    );
+    hook.answer(200);
+    let (ra, rb) = (a.start(), b.start());
+    let delivered = loop {
+        let (v, code) = hook.next("the unsent change after the restart").await;
+        assert_eq!(change(&v), triple("db-hook", "uncertain", "available"));
+        if code == 200 {
+            break v;
+        }
+    };
+    assert_eq!(delivered["seq"], 3);
+    assert!(
+        posted.elapsed() < Duration::from_secs(6),
+        "too slow: db-hook went overdue before the check ({:?})",
+        posted.elapsed()
+    );
+    // Only the next change follows (db-hook going silent), once.
+    let (v, code) = tokio::time::timeout(Duration::from_secs(15), hook.calls.recv())
+        .await
+        .expect("the overdue call")
+        .unwrap();
+    assert_eq!(
+        (change(&v), code),
+        (triple("db-hook", "available", "uncertain"), 200)
+    );
+    hook.assert_none_for(Duration::from_secs(3)).await;
     drop((ra, rb));
 }
 
