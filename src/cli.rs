@@ -178,14 +178,20 @@ pub enum ImageCommand {
 #[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum ControlCommand {
-    /// Enroll a host's public key (takes effect at once, also in a running receiver).
+    /// Enroll a host's public key (takes effect at once, also in a running receiver), or
+    /// many at once with --from.
     Enroll {
         /// The host id, as the agent's heartbeats carry it.
-        #[arg(long = "host", value_name = "ID")]
-        host: String,
+        #[arg(long = "host", value_name = "ID", required_unless_present = "from")]
+        host: Option<String>,
         /// The public key as `vigil keygen` prints it (standard base64 of 32 bytes).
-        #[arg(long, value_name = "B64")]
-        pubkey: String,
+        #[arg(long, value_name = "B64", required_unless_present = "from")]
+        pubkey: Option<String>,
+        /// Enroll every `HOST_ID PUBKEY_B64` line of FILE (`-`: standard input; blank lines
+        /// and `#` comments are skipped) in one durable write. Every line is checked
+        /// first: a bad one is reported as FILE:LINE and nothing is enrolled.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["host", "pubkey"])]
+        from: Option<PathBuf>,
     },
     /// Revoke one key of a host (--key-id), or all of them.
     Revoke {

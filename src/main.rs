@@ -69,7 +69,14 @@ fn control(flag: Option<&Path>, command: Option<ControlCommand>) -> u8 {
     use vigil::control::cmd;
     match command {
         None => cmd::serve(flag),
-        Some(ControlCommand::Enroll { host, pubkey }) => cmd::enroll(flag, &host, &pubkey),
+        Some(ControlCommand::Enroll {
+            from: Some(from), ..
+        }) => cmd::enroll_from(flag, &from),
+        Some(ControlCommand::Enroll { host, pubkey, .. }) => cmd::enroll(
+            flag,
+            host.as_deref().unwrap_or_default(),
+            pubkey.as_deref().unwrap_or_default(),
+        ),
         Some(ControlCommand::Revoke { host, key_id }) => {
             cmd::revoke(flag, &host, key_id.as_deref())
         }

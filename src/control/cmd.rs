@@ -1,8 +1,9 @@
 //! The `vigil control` subcommands as the binary runs them: each prints its answer (or
 //! one error line, `vigil: …`) and returns the exit code.
 //!
-//! Exit codes: 0 done; 1 refused (`revoke` of a key that is not enrolled) or a store
-//! that cannot be read; 2 a bad `--host`/`--pubkey`/`--key-id`; 69 the listen address or
+//! Exit codes: 0 done; 1 refused (`revoke` of a key that is not enrolled), a store
+//! that cannot be read, or an `--from` file that cannot be read; 2 a bad
+//! `--host`/`--pubkey`/`--key-id`, or a bad line in the `--from` file; 69 the listen address or
 //! the store is taken, or the PostgreSQL store cannot be reached; 73 the state directory cannot be created or written; 78 an invalid
 //! config (also a TLS file that cannot be used).
 
@@ -132,6 +133,79 @@ pub fn enroll(flag: Option<&Path>, host: &str, pubkey: &str) -> u8 {
             store_exit(&e)
         }
     }
+}
+
+/// `vigil control enroll --from FILE`: every line checked first (`FILE:LINE: reason` and
+/// nothing enrolled on the first bad one), then all enrolled at once
+/// ([`Store::enroll_many`]).
+pub fn enroll_from(flag: Option<&Path>, from: &Path) -> u8 {
+    let (name, bytes) = if from == Path::new("-") {
+        let mut buf = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf) {
+            fail(format!("reading standard input: {e}"));
+            return exit::FAILURE;
+        }
+        ("stdin".to_string(), buf)
+    } else {
+        match std::fs::read(from) {
+            Ok(b) => (from.display().to_string(), b),
+            Err(e) => {
+                fail(format!("{}: {e}", from.display()));
+                return exit::FAILURE;
+            }
+        }
+    };
+    let keys = match parse_enrolments(&bytes) {
+        Ok(k) => k,
+        Err((line, reason)) => {
+            fail(format!("{name}:{line}: {reason}"));
+            return exit::USAGE;
+        }
+    };
+    let cfg = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (store, rt) = match cli_setup(&cfg, false) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match rt.block_on(store.enroll_many(&keys)) {
+        Ok(n) => {
+            println!(
+                "enrolled {} keys for {} hosts ({} already enrolled)",
+                n.keys, n.hosts, n.already
+            );
+            exit::OK
+        }
+        Err(e) => {
+            fail(&e);
+            store_exit(&e)
+        }
+    }
+}
+
+/// The `HOST_ID PUBKEY_B64` lines of an enrolment file; blank lines and `#` comments are
+/// skipped. The first bad line is `Err((line number, reason))`.
+pub fn parse_enrolments(bytes: &[u8]) -> Result<Vec<(String, PublicKey)>, (usize, String)> {
+    let mut keys = Vec::new();
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let n = i + 1;
+        let line = std::str::from_utf8(raw)
+            .map_err(|_| (n, "not UTF-8 text".to_string()))?
+            .trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(host), Some(key), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err((n, "expected two fields, HOST_ID PUBKEY_B64".into()));
+        };
+        body::valid_host_id(host).map_err(|e| (n, format!("host id {host:?}: {e}")))?;
+        let key = PublicKey::from_b64(key).map_err(|e| (n, format!("public key: {e}")))?;
+        keys.push((host.to_string(), key));
+    }
+    Ok(keys)
 }
 
 /// `vigil control revoke --host ID [--key-id KID]`.
@@ -336,4 +410,31 @@ async fn run(cfg: ControlFile) -> u8 {
     server::run(listener, tls, app, c, shutdown).await;
     info!("vigil control stopped");
     exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrolment_lines_are_checked_and_the_first_bad_one_is_named() {
+        let k = crate::heartbeat::keys::HeartbeatKey::from_signing_key(
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+        );
+        let b64 = &k.info().public_key_b64;
+        let good = format!("# fleet\n\ndb-1 {b64}\n  db-2\t{b64}  \r\n");
+        let keys = parse_enrolments(good.as_bytes()).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!((keys[0].0.as_str(), keys[1].0.as_str()), ("db-1", "db-2"));
+        let bad = |text: String| parse_enrolments(text.as_bytes()).unwrap_err();
+        assert_eq!(bad(format!("db-1 {b64}\ndb-2\n")).0, 2);
+        assert_eq!(bad(format!("db-1 {b64} extra\n")).0, 1);
+        let (line, why) = bad(format!("# x\ndb/1 {b64}\n"));
+        assert_eq!(line, 2);
+        assert!(why.starts_with("host id \"db/1\""), "{why}");
+        let (line, why) = bad("db-1 nope\n".into());
+        assert_eq!(line, 1);
+        assert!(why.starts_with("public key: "), "{why}");
+        assert_eq!(parse_enrolments(b"db-1 \xff\n").unwrap_err().0, 1);
+    }
 }

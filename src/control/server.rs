@@ -191,8 +191,14 @@ pub async fn run<S: Store>(
     tasks.spawn(track_states(app.clone(), hooks, shutdown.clone()));
     tasks.spawn(prune_loop(app.clone(), c.retention.get(), shutdown.clone()));
     tasks.close();
-    serve(listener, tls, app, c.max_connections, shutdown).await;
+    serve(listener, tls, app.clone(), c.max_connections, shutdown).await;
     tasks.wait().await;
+    // The sender may have given back a claim after the tracker's last flush.
+    if c.webhook.is_some() {
+        if let Err(e) = app.store.flush_notified().await {
+            warn!(error = %e, "cannot record the webhook's notified states");
+        }
+    }
 }
 
 /// The accept loop alone (tests drive it directly).
@@ -277,8 +283,9 @@ async fn accept_error(e: std::io::Error) {
 
 /// Every [`TRACK_EVERY`]: each enrolled host's derived state, counted into
 /// `vigil_control_hosts{state}`; with a webhook, a change from the previous round is sent
-/// to it. The first round only learns the states (a restart is not a change of every
-/// host).
+/// to it. The first round compares with the states last notified, as the store kept them
+/// across the restart ([`Store::notified`]); a host with none is recorded without a call
+/// (a restart is not a change of every host). See the webhook's module doc.
 ///
 /// Cost per round at 100,000 hosts: one [`Store::briefs`] (id, seq, time and reported
 /// state per host: no body, key or summary copied) and, with a webhook only, one map of
@@ -310,14 +317,25 @@ async fn track_states<S: Store>(
             }
         };
         failing = false;
+        if hooks.is_some() && known.is_none() {
+            match app.store.notified().await {
+                Ok(n) => known = Some(n),
+                Err(e) => {
+                    warn!(error = %e, "state tracker: cannot read the notified states; retrying");
+                    continue;
+                }
+            }
+        }
+        let mut baseline = Vec::new();
         let mut counts: HashMap<HostState, i64> = HashMap::new();
         let mut now_known = HashMap::with_capacity(if hooks.is_some() { hosts.len() } else { 0 });
         for h in hosts {
             let state = h.derived_state(now_ms, app.overdue_after);
             *counts.entry(state).or_default() += 1;
             let Some(tx) = &hooks else { continue };
-            if let Some(prev) = known.as_ref().and_then(|k| k.get(&h.host_id)) {
-                if *prev != state {
+            match known.as_ref().and_then(|k| k.get(&h.host_id)) {
+                None => baseline.push((h.host_id.clone(), state)),
+                Some(prev) if *prev != state => {
                     info!(host_id = %h.host_id, from = prev.as_str(), to = state.as_str(), "host state changed");
                     let change = Change::new(&h, *prev, state, now_ms);
                     if tx.try_send(change).is_err() {
@@ -325,8 +343,19 @@ async fn track_states<S: Store>(
                         warn!(host_id = %h.host_id, "webhook queue full; change dropped");
                     }
                 }
+                Some(_) => {}
             }
             now_known.insert(h.host_id, state);
+        }
+        if hooks.is_some() {
+            if !baseline.is_empty() {
+                if let Err(e) = app.store.baseline_notified(baseline, now_ms).await {
+                    warn!(error = %e, "state tracker: cannot record the notified states");
+                }
+            }
+            if let Err(e) = app.store.flush_notified().await {
+                warn!(error = %e, "state tracker: cannot record the notified states");
+            }
         }
         for s in ALL_STATES {
             app.metrics

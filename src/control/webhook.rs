@@ -8,6 +8,40 @@
 //!
 //! Body: `{"host_id", "state", "previous", "reported_state", "last_seen", "seq", "at"}`
 //! (times RFC 3339 UTC). HTTPS uses the system's trust store.
+//!
+//! # Not lost across a restart
+//! The state last *notified* per host is durable in the store ([`Store::notified`]): the
+//! file store keeps it in `state_dir/notified.json`, replaced atomically at most once a
+//! tracker round when it changed; the PostgreSQL store in `hosts.notified_state`. The
+//! state tracker starts from it, so its first round after a start compares each host's
+//! derived state with what the webhook was last told and sends one change per host that
+//! differs: a host that went silent (or came back) while the receiver was down, or whose
+//! change was still queued when it stopped, is reported after the restart. A host with no
+//! notified state yet (newly enrolled, or the first start of this version) is recorded
+//! as it is without a call, as a restart is not a change of every host.
+//!
+//! The sender claims each change just before its call ([`Store::claim_notified`]). On
+//! PostgreSQL the claim is one atomic `UPDATE`, so of several receivers on one database
+//! that all notice a change exactly one calls the webhook. A call cut short by shutdown
+//! gives its claim back ([`Store::release_notified`]) and is sent after the restart; a
+//! try already under way when shutdown comes is let finish (at most [`TRY_TIMEOUT`]),
+//! since only its answer tells whether the webhook got the change.
+//! Limits, by design:
+//! - a change whose every try failed is logged (`webhook call failed; change not
+//!   delivered`, with the host and both states) and counted
+//!   (`vigil_control_webhook_calls_total{result="failed"}`), and stays claimed: it is not
+//!   retried later, since the webhook is told about the host's *next* change, whose
+//!   `previous` says where it came from, and a webhook down for longer than the tries
+//!   (about four minutes) would otherwise get a flood of stale changes;
+//! - a change dropped because the queue was full is not claimed, so it is sent after the
+//!   next restart;
+//! - a receiver killed (SIGKILL, power loss) during a call loses that one change on
+//!   PostgreSQL (it is claimed); the file store writes its claims once a round, so a
+//!   change claimed less than a round before such a crash is sent again after the
+//!   restart. Delivery is at most once per change on PostgreSQL and at least once on the
+//!   file store;
+//! - when the store cannot record a claim, the change is sent anyway (a page twice is
+//!   better than none).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -45,6 +79,9 @@ pub struct Change {
     last_seen: Option<String>,
     seq: Option<u64>,
     at: String,
+    /// `at` in ms since the epoch: what a claim is ordered by.
+    #[serde(skip)]
+    at_ms: u64,
 }
 
 impl Change {
@@ -59,6 +96,7 @@ impl Change {
             last_seen: h.last.map(|(_, at, _)| t(at)),
             seq: h.last.map(|(seq, _, _)| seq),
             at: t(now_ms),
+            at_ms: now_ms,
         }
     }
 }
@@ -77,9 +115,44 @@ pub async fn send_loop<S: Store>(
             _ = shutdown.cancelled() => return,
             c = rx.recv() => match c { Some(c) => c, None => return },
         };
+        match app
+            .store
+            .claim_notified(&change.host_id, change.state, change.at_ms)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                debug!(host_id = %change.host_id, state = change.state.as_str(), "change notified already (by another receiver)");
+                continue;
+            }
+            Err(e) => {
+                warn!(host_id = %change.host_id, error = %e, "cannot record the change as notified; sending it anyway");
+            }
+        }
         let body = Bytes::from(serde_json::to_vec(&change).unwrap_or_default());
-        let send = || client.post(body.clone());
-        let result = send
+        // A try under way is never cut by shutdown (it is bounded by TRY_TIMEOUT): only
+        // its answer tells whether the webhook got the change. Shutdown cuts the pause
+        // between tries, and no try starts after it.
+        let send = || async {
+            if shutdown.is_cancelled() {
+                return Err(TryError {
+                    message: "stopping".into(),
+                    retryable: false,
+                });
+            }
+            client.post(body.clone()).await
+        };
+        let stop = shutdown.clone();
+        let pause = move |d: Duration| {
+            let shutdown = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        };
+        let outcome = send
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_secs(1))
@@ -87,21 +160,40 @@ pub async fn send_loop<S: Store>(
                     .with_max_times(MAX_TRIES - 1)
                     .with_jitter(),
             )
-            .sleep(tokio::time::sleep)
+            .sleep(pause)
             .when(|e: &TryError| e.retryable)
             .notify(|e: &TryError, after| {
                 debug!(error = %e.message, retry_in = ?after, "webhook call failed; retrying");
-            });
-        let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = result => r,
-        };
+            })
+            .await;
+        if outcome.is_err() && shutdown.is_cancelled() {
+            // Not delivered, and stopping: sent again after the restart.
+            release(&*app, &change).await;
+            return;
+        }
         match outcome {
             Ok(()) => app.metrics.webhook.with_label_values(&["ok"]).inc(),
             Err(e) => {
                 app.metrics.webhook.with_label_values(&["failed"]).inc();
-                warn!(host_id = %change.host_id, error = %e.message, "webhook call failed; change not delivered");
+                warn!(host_id = %change.host_id, from = change.previous.as_str(), to = change.state.as_str(), error = %e.message, "webhook call failed; change not delivered");
             }
+        }
+    }
+}
+
+/// Gives back the claim of a call cut short by shutdown, so it is sent after the restart;
+/// bounded, as the store may be what is going away.
+async fn release<S: Store>(app: &App<S>, c: &Change) {
+    let give_back = app
+        .store
+        .release_notified(&c.host_id, c.state, c.at_ms, c.previous);
+    match tokio::time::timeout(Duration::from_secs(2), give_back).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(host_id = %c.host_id, error = %e, "cannot give back an unsent webhook change; it is lost")
+        }
+        Err(_) => {
+            warn!(host_id = %c.host_id, "giving back an unsent webhook change timed out; it is lost")
         }
     }
 }

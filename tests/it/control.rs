@@ -613,29 +613,8 @@ fn an_invalid_config_exits_78_with_file_line_and_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_gets_one_call_per_change_of_derived_state() {
-    use hyper::service::service_fn;
-    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_addr = hook.local_addr().unwrap();
-    let (tx, mut calls) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = hook.accept().await.unwrap();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let b = req.into_body().collect().await?.to_bytes();
-                        let _ = tx.send(serde_json::from_slice(&b).unwrap_or(Value::Null));
-                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let hook = Hook::start().await;
+    let (hook_addr, mut calls) = (hook.addr, hook.bodies());
     let plane = Plane::new(&format!(
         "overdue_after = \"2s\"\nwebhook = \"http://{hook_addr}/hook\""
     ));
@@ -694,4 +673,323 @@ async fn next_call(calls: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> V
         .await
         .expect("a webhook call")
         .unwrap()
+}
+
+/// A webhook receiver: every call's body and the status it was answered with
+/// ([`Hook::status`], 200 unless a test says otherwise).
+struct Hook {
+    addr: SocketAddr,
+    calls: tokio::sync::mpsc::UnboundedReceiver<(Value, u16)>,
+    status: Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl Hook {
+    async fn start() -> Hook {
+        use hyper::service::service_fn;
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, calls) = tokio::sync::mpsc::unbounded_channel::<(Value, u16)>();
+        let status = Arc::new(AtomicU16::new(200));
+        let answer = status.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let (tx, answer) = (tx.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (tx, answer) = (tx.clone(), answer.clone());
+                        async move {
+                            let b = req.into_body().collect().await?.to_bytes();
+                            let code = answer.load(Ordering::SeqCst);
+                            let v = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                            let _ = tx.send((v, code));
+                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                            Ok::<_, hyper::Error>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Hook {
+            addr,
+            calls,
+            status,
+        }
+    }
+
+    /// The bodies alone, as the first webhook test reads them.
+    fn bodies(self) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut calls = self.calls;
+        tokio::spawn(async move {
+            while let Some((v, _)) = calls.recv().await {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    fn answer(&self, code: u16) {
+        self.status.store(code, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next call, within 10 s; `what` names it if none comes.
+    async fn next(&mut self, what: &str) -> (Value, u16) {
+        tokio::time::timeout(Duration::from_secs(10), self.calls.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no webhook call: {what}"))
+            .unwrap()
+    }
+
+    /// Panics if a call comes within `quiet`.
+    async fn assert_none_for(&mut self, quiet: Duration) {
+        let more = tokio::time::timeout(quiet, self.calls.recv()).await;
+        assert!(more.is_err(), "an extra webhook call: {more:?}");
+    }
+
+    /// Calls already received, without waiting.
+    fn pending(&mut self) -> Vec<(Value, u16)> {
+        let mut v = Vec::new();
+        while let Ok(c) = self.calls.try_recv() {
+            v.push(c);
+        }
+        v
+    }
+}
+
+/// `(host_id, previous, state)` of a webhook body.
+fn change(v: &Value) -> (String, String, String) {
+    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+    (s("host_id"), s("previous"), s("state"))
+}
+
+fn triple(host: &str, from: &str, to: &str) -> (String, String, String) {
+    (host.into(), from.into(), to.into())
+}
+
+/// Waits until the receiver's tracker has counted `n` hosts `uncertain` (its first round
+/// has run).
+async fn until_uncertain(plane: &Plane, n: usize) {
+    let needle = format!("vigil_control_hosts{{state=\"uncertain\"}} {n}\n");
+    let t = Instant::now();
+    loop {
+        let (_, m) = plane.get("/metrics").await;
+        if m.as_str().unwrap().contains(&needle) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{needle} missing:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_changes_missed_while_the_plane_was_down_are_sent_after_the_restart() {
+    const OVERDUE: Duration = Duration::from_secs(6);
+    let mut hook = Hook::start().await;
+    let plane = Plane::new(&format!(
+        "overdue_after = \"6s\"\nwebhook = \"http://{}/hook\"",
+        hook.addr
+    ));
+    let k = key(1);
+    plane.enroll("db-1", &k);
+    // Never heard from: uncertain from the start, never a call.
+    plane.enroll("db-quiet", &k);
+    let rx = plane.start();
+    until_uncertain(&plane, 2).await;
+    let c = plane.client();
+    let posted = Instant::now();
+    assert_eq!(post(&c, &k, &body("db-1", 1, "available")).await.0, 200);
+    let (v, _) = hook.next("uncertain to available").await;
+    assert_eq!(change(&v), triple("db-1", "uncertain", "available"));
+
+    // Stopped while db-1 is still fresh; it goes silent past overdue_after meanwhile.
+    assert_eq!(rx.stop(), Some(0));
+    assert!(
+        posted.elapsed() < OVERDUE,
+        "the machine is too slow for this test: stopped only after {:?}",
+        posted.elapsed()
+    );
+    // The outage itself, not a wait for something.
+    tokio::time::sleep((OVERDUE + Duration::from_secs(1)).saturating_sub(posted.elapsed())).await;
+    assert_eq!(hook.pending(), vec![], "no call while the plane is down");
+    let rx = plane.start();
+    let Ok(Some((v, code))) =
+        tokio::time::timeout(Duration::from_secs(10), hook.calls.recv()).await
+    else {
+        panic!(
+            "no call after the restart; notified.json: {:?}\nlog:\n{}",
+            std::fs::read_to_string(plane.dir.path().join("state/notified.json")),
+            rx.logs()
+        );
+    };
+    assert_eq!(
+        (change(&v), code),
+        (triple("db-1", "available", "uncertain"), 200)
+    );
+    assert_eq!(
+        (&v["seq"], &v["reported_state"]),
+        (&json!(1), &json!("available"))
+    );
+    hook.assert_none_for(Duration::from_secs(3)).await;
+
+    // A change still being retried when the plane stops is sent after the restart.
+    hook.answer(500);
+    let posted = Instant::now();
+    assert_eq!(post(&c, &k, &body("db-1", 2, "available")).await.0, 200);
+    let (v, code) = hook.next("a try answered 500").await;
+    assert_eq!(
+        (change(&v), code),
+        (triple("db-1", "uncertain", "available"), 500)
+    );
+    assert_eq!(rx.stop(), Some(0));
+    hook.answer(200);
+    let rx = plane.start();
+    let delivered = loop {
+        let (v, code) = hook.next("the unsent change after the restart").await;
+        assert_eq!(change(&v), triple("db-1", "uncertain", "available"));
+        if code == 200 {
+            break v;
+        }
+    };
+    assert_eq!(delivered["seq"], 2);
+    assert!(
+        posted.elapsed() < OVERDUE,
+        "too slow: db-1 went overdue before the check ({:?})",
+        posted.elapsed()
+    );
+    // Then only the silence of db-1 once it is overdue, once.
+    let (v, code) = tokio::time::timeout(OVERDUE + Duration::from_secs(5), hook.calls.recv())
+        .await
+        .expect("the overdue call")
+        .unwrap();
+    assert_eq!(
+        (change(&v), code),
+        (triple("db-1", "available", "uncertain"), 200)
+    );
+    hook.assert_none_for(Duration::from_secs(3)).await;
+    let (_, m) = plane.get("/metrics").await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("vigil_control_webhook_calls_total{result=\"ok\"} 2"),
+        "{m}"
+    );
+    drop(rx);
+}
+
+/// A key for bulk tests, distinct per `i`.
+fn bulk_key(i: u32) -> HeartbeatKey {
+    let mut seed = [0x5a; 32];
+    seed[..4].copy_from_slice(&i.to_le_bytes());
+    HeartbeatKey::from_signing_key(SigningKey::from_bytes(&seed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_enrolment_checks_every_line_first_and_a_running_receiver_accepts_at_once() {
+    bulk_enrolment(Plane::new("")).await;
+}
+
+/// `enroll --from` on the store `plane` is configured with (also run on PostgreSQL by
+/// [`pg`]).
+async fn bulk_enrolment(plane: Plane) {
+    const HOSTS: u32 = 1000;
+    let path = plane.dir.path().join("fleet.txt");
+    let mut lines = vec!["# host_id public_key".to_string(), String::new()];
+    for i in 0..HOSTS {
+        lines.push(format!("bulk-{i:04} {}", bulk_key(i).info().public_key_b64));
+    }
+    let good = lines.join("\n") + "\n";
+    let path_s = path.to_str().unwrap();
+
+    // One bad line (line 503: the header, a blank line, then bulk-0500): nothing enrolled.
+    let mut bad = lines.clone();
+    bad[502] = "bulk-0500 not-a-key".into();
+    std::fs::write(&path, bad.join("\n")).unwrap();
+    let out = plane.cli(&["enroll", "--from", path_s]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with(&format!("vigil: {path_s}:503: public key: ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let listed = plane.cli(&["hosts", "--json"]);
+    assert!(listed.status.success());
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed, json!([]), "nothing enrolled");
+    // --from conflicts with --host/--pubkey.
+    let out = plane.cli(&["enroll", "--from", path_s, "--host", "db-1"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Enrolled while a receiver runs: accepted at once.
+    let rx = plane.start();
+    std::fs::write(&path, &good).unwrap();
+    let out = plane.cli(&["enroll", "--from", path_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("enrolled {HOSTS} keys for {HOSTS} hosts (0 already enrolled)\n")
+    );
+    let c = plane.client();
+    let last = HOSTS - 1;
+    let (code, v) = post(
+        &c,
+        &bulk_key(last),
+        &body(&format!("bulk-{last:04}"), 1, "available"),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    // Another host's key does not sign for this one.
+    let (code, _) = post(&c, &bulk_key(1), &body("bulk-0000", 1, "available")).await;
+    assert_eq!(code, 401);
+
+    // Again from standard input, with one new key for an enrolled host.
+    let extra = format!("bulk-0000 {}\n", key(9).info().public_key_b64);
+    let mut child = util::vigil()
+        .args(["control", "enroll", "--from", "-", "-c"])
+        .arg(&plane.config)
+        .env_remove("VIGIL_CONTROL_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(good.as_bytes()).unwrap();
+        stdin.write_all(extra.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("enrolled 1 keys for 1 hosts ({HOSTS} already enrolled)\n")
+    );
+
+    let out = plane.cli(&["hosts", "--json"]);
+    assert!(out.status.success());
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|h| h["host_id"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..HOSTS).map(|i| format!("bulk-{i:04}")).collect();
+    assert_eq!(ids, want);
+    assert_eq!(listed[last as usize]["seq"], 1);
+    drop(rx);
 }

@@ -6,10 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use super::file::FileStore;
 use super::postgresql::PgStore;
+use std::collections::HashMap;
+
 use super::{
-    AcceptOutcome, HostBrief, HostFilter, HostView, Incoming, Page, PruneStats, Store, StoreError,
+    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, Page, PruneStats,
+    Store, StoreError,
 };
 use crate::heartbeat::keys::PublicKey;
+use crate::lifecycle::HostState;
 
 /// The file store or the PostgreSQL store.
 #[derive(Clone)]
@@ -60,5 +64,44 @@ impl Store for AnyStore {
 
     async fn prune(&self, retention: Duration, now: SystemTime) -> Result<PruneStats, StoreError> {
         forward!(self, s => s.prune(retention, now))
+    }
+
+    async fn enroll_many(&self, keys: &[(String, PublicKey)]) -> Result<BulkEnrolled, StoreError> {
+        forward!(self, s => s.enroll_many(keys))
+    }
+
+    async fn notified(&self) -> Result<HashMap<String, HostState>, StoreError> {
+        forward!(self, s => s.notified())
+    }
+
+    async fn baseline_notified(
+        &self,
+        states: Vec<(String, HostState)>,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.baseline_notified(states, at_ms))
+    }
+
+    async fn claim_notified(
+        &self,
+        host_id: &str,
+        state: HostState,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        forward!(self, s => s.claim_notified(host_id, state, at_ms))
+    }
+
+    async fn release_notified(
+        &self,
+        host_id: &str,
+        claimed: HostState,
+        at_ms: u64,
+        previous: HostState,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.release_notified(host_id, claimed, at_ms, previous))
+    }
+
+    async fn flush_notified(&self) -> Result<(), StoreError> {
+        forward!(self, s => s.flush_notified())
     }
 }

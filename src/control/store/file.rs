@@ -60,13 +60,22 @@
 //! latest heartbeat of each host lives on in the snapshot. Segments between the snapshot
 //! and retention are history only: kept on disk, never replayed.
 //!
+//! # Webhook bookkeeping
+//! `notified.json` holds the derived state last notified to the webhook per host
+//! (`{"v": 1, "hosts": {ID: STATE}}`): kept in memory, and replaced atomically (temp file,
+//! fsync, rename, fsync of the directory: [`crate::durable::write_atomic`]) by
+//! [`Store::flush_notified`] only when it changed, which the state tracker calls once a
+//! round, so a burst of changes is one write. A missing file is an empty map; a file this
+//! build cannot read is logged and treated as empty (the cost is one round that learns
+//! states without calls, never a refused start).
+//!
 //! # Readers
 //! The latest heartbeat of each host is held in memory (the body as [`Bytes`], shared
 //! with snapshots without copying). [`FileStore::open_read_only`] (the CLI's `hosts`)
 //! replays the files without taking `lock` and without cutting anything; a segment that
 //! vanishes under it (a prune) makes it start over.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -84,11 +93,12 @@ use tracing::{error, info, warn};
 use super::enrollment::Journal;
 use super::frame::{self, Next, Reader};
 use super::{
-    AcceptOutcome, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page, PruneStats,
-    Store, StoreError, epoch_ms,
+    AcceptOutcome, BulkEnrolled, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page,
+    PruneStats, Store, StoreError, epoch_ms,
 };
 use crate::control::body;
 use crate::heartbeat::keys::PublicKey;
+use crate::lifecycle::HostState;
 
 /// The format version written (segments and snapshots).
 pub const FORMAT_VERSION: u16 = 1;
@@ -102,6 +112,25 @@ const KIND_WAL: u8 = 1;
 const KIND_SNAP: u8 = 2;
 const KIND_END: u8 = 3;
 const LOCK_FILE: &str = "lock";
+/// The webhook's last notified state per host (see the module doc).
+pub const NOTIFIED_FILE: &str = "notified.json";
+const NOTIFIED_VERSION: u32 = 1;
+
+/// `notified.json` as written.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NotifiedDoc {
+    v: u32,
+    hosts: BTreeMap<String, HostState>,
+}
+
+/// The notified states in memory.
+#[derive(Default)]
+struct Notified {
+    /// `None` until read from the file.
+    map: Option<HashMap<String, HostState>>,
+    /// Changed since the last write of the file.
+    dirty: bool,
+}
 
 /// Sizes that tests shrink.
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +188,9 @@ struct Inner {
     opts: Options,
     /// Held for the life of the store: one writing receiver per directory.
     _lock: Option<Flock<File>>,
+    /// The webhook's notified states. A std lock: short sections, never across `.await`
+    /// (the file is written after the lock is released).
+    notified: Mutex<Notified>,
 }
 
 impl FileStore {
@@ -218,6 +250,7 @@ impl FileStore {
                 maint: Mutex::new(()),
                 opts,
                 _lock: Some(lock),
+                notified: Mutex::new(Notified::default()),
             }),
         })
     }
@@ -270,8 +303,26 @@ impl FileStore {
                 maint: Mutex::new(()),
                 opts: Options::default(),
                 _lock: None,
+                notified: Mutex::new(Notified::default()),
             }),
         })
+    }
+
+    /// Runs `f` on the notified map, reading the file first if it was not yet.
+    fn with_notified<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, HostState>, &mut bool) -> T,
+    ) -> T {
+        let mut n = self
+            .inner
+            .notified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = &mut *n;
+        let map = n
+            .map
+            .get_or_insert_with(|| read_notified(&self.inner.shared.dir));
+        f(map, &mut n.dirty)
     }
 
     /// Records skipped as damaged when the store was opened.
@@ -428,6 +479,148 @@ impl Store for FileStore {
     async fn prune(&self, retention: Duration, now: SystemTime) -> Result<PruneStats, StoreError> {
         let s = self.clone();
         blocking(move || s.prune_blocking(retention, now)).await
+    }
+
+    async fn enroll_many(&self, keys: &[(String, PublicKey)]) -> Result<BulkEnrolled, StoreError> {
+        for (host, _) in keys {
+            body::valid_host_id(host)
+                .map_err(|e| StoreError::Invalid(format!("host id {host:?}: {e}")))?;
+        }
+        // A copy for the blocking thread: a few MB at 100,000 keys, beside a flush.
+        let (s, keys) = (self.clone(), keys.to_vec());
+        blocking(move || {
+            let (new, already) = s
+                .inner
+                .journal
+                .enroll_many(&keys, epoch_ms(SystemTime::now()))?;
+            Ok(BulkEnrolled {
+                keys: new.len(),
+                hosts: new.iter().collect::<HashSet<_>>().len(),
+                already,
+            })
+        })
+        .await
+    }
+
+    async fn notified(&self) -> Result<HashMap<String, HostState>, StoreError> {
+        let s = self.clone();
+        blocking(move || Ok(s.with_notified(|m, _| m.clone()))).await
+    }
+
+    async fn baseline_notified(
+        &self,
+        states: Vec<(String, HostState)>,
+        _at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with_notified(|m, dirty| {
+            for (host, state) in states {
+                if let std::collections::hash_map::Entry::Vacant(e) = m.entry(host) {
+                    e.insert(state);
+                    *dirty = true;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn claim_notified(
+        &self,
+        host_id: &str,
+        state: HostState,
+        _at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // One receiver per directory: nobody else claims, only an equal state is "done".
+        Ok(self.with_notified(|m, dirty| {
+            if m.get(host_id) == Some(&state) {
+                return false;
+            }
+            m.insert(host_id.to_string(), state);
+            *dirty = true;
+            true
+        }))
+    }
+
+    async fn release_notified(
+        &self,
+        host_id: &str,
+        claimed: HostState,
+        _at_ms: u64,
+        previous: HostState,
+    ) -> Result<(), StoreError> {
+        self.with_notified(|m, dirty| {
+            if m.get(host_id) == Some(&claimed) {
+                m.insert(host_id.to_string(), previous);
+                *dirty = true;
+            }
+        });
+        Ok(())
+    }
+
+    async fn flush_notified(&self) -> Result<(), StoreError> {
+        let s = self.clone();
+        blocking(move || s.flush_notified_blocking()).await
+    }
+}
+
+impl FileStore {
+    fn flush_notified_blocking(&self) -> Result<(), StoreError> {
+        let path = self.inner.shared.dir.join(NOTIFIED_FILE);
+        // Serialized under the lock (a few ms at 100,000 hosts), written after it.
+        let bytes = {
+            let mut n = self
+                .inner
+                .notified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (Some(map), true) = (&n.map, n.dirty) else {
+                return Ok(());
+            };
+            let doc = NotifiedDoc {
+                v: NOTIFIED_VERSION,
+                hosts: map.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            };
+            let bytes = serde_json::to_vec(&doc)
+                .map_err(|e| StoreError::Failed(format!("encoding {}: {e}", path.display())))?;
+            n.dirty = false;
+            bytes
+        };
+        crate::durable::write_atomic(&path, &bytes).map_err(|e| {
+            // Written again at the next flush.
+            self.inner
+                .notified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .dirty = true;
+            StoreError::Io {
+                context: format!("writing {}", path.display()),
+                source: e,
+            }
+        })
+    }
+}
+
+/// The notified states in `dir`'s file; empty when there is none or it cannot be read
+/// (logged: see the module doc for why that is not fatal).
+fn read_notified(dir: &Path) -> HashMap<String, HostState> {
+    let path = dir.join(NOTIFIED_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            error!(file = %path.display(), error = %e, "cannot read the webhook's notified states; starting from none");
+            return HashMap::new();
+        }
+    };
+    match serde_json::from_slice::<NotifiedDoc>(&bytes) {
+        Ok(doc) if doc.v <= NOTIFIED_VERSION => doc.hosts.into_iter().collect(),
+        Ok(doc) => {
+            error!(file = %path.display(), version = doc.v, "the webhook's notified states are of a newer version; starting from none");
+            HashMap::new()
+        }
+        Err(e) => {
+            error!(file = %path.display(), error = %e, "the webhook's notified states are damaged; starting from none");
+            HashMap::new()
+        }
     }
 }
 
@@ -1247,6 +1440,65 @@ mod tests {
             FileStore::open(dir.path(), Options::default()),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn notified_states_survive_a_restart_and_are_written_only_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NOTIFIED_FILE);
+        {
+            let s = FileStore::open(dir.path(), Options::default()).unwrap();
+            assert!(s.notified().await.unwrap().is_empty());
+            s.baseline_notified(
+                vec![
+                    ("h1".into(), HostState::Available),
+                    ("h2".into(), HostState::Uncertain),
+                ],
+                1,
+            )
+            .await
+            .unwrap();
+            assert!(
+                s.claim_notified("h1", HostState::Uncertain, 2)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !s.claim_notified("h1", HostState::Uncertain, 3)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                s.claim_notified("h2", HostState::Available, 4)
+                    .await
+                    .unwrap()
+            );
+            // A call cut short gives the claim back.
+            s.release_notified("h2", HostState::Available, 4, HostState::Uncertain)
+                .await
+                .unwrap();
+            // A baseline never overrides a notified state.
+            s.baseline_notified(vec![("h1".into(), HostState::Available)], 5)
+                .await
+                .unwrap();
+            assert!(!path.exists(), "nothing written before a flush");
+            s.flush_notified().await.unwrap();
+            let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+            s.flush_notified().await.unwrap();
+            assert_eq!(
+                fs::metadata(&path).unwrap().modified().unwrap(),
+                mtime,
+                "unchanged: not written again"
+            );
+        }
+        let s = FileStore::open(dir.path(), Options::default()).unwrap();
+        let n = s.notified().await.unwrap();
+        assert_eq!(n.get("h1"), Some(&HostState::Uncertain));
+        assert_eq!(n.get("h2"), Some(&HostState::Uncertain));
+        drop(s);
+        fs::write(&path, b"{not json").unwrap();
+        let s = FileStore::open(dir.path(), Options::default()).unwrap();
+        assert!(s.notified().await.unwrap().is_empty(), "damaged: none");
     }
 
     #[tokio::test]

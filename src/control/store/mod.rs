@@ -27,6 +27,7 @@ pub mod postgresql;
 
 pub use any::AnyStore;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -317,6 +318,67 @@ pub trait Store: Send + Sync + 'static {
         retention: Duration,
         now: SystemTime,
     ) -> impl Future<Output = Result<PruneStats, StoreError>> + Send;
+
+    /// Adds every `(host, key)` of `keys` at once (validated by the caller): one durable
+    /// write for the file store, one transaction for PostgreSQL, so either all are
+    /// enrolled or, on an error, none is. A key already enrolled (or listed twice) is
+    /// skipped and counted.
+    fn enroll_many(
+        &self,
+        keys: &[(String, PublicKey)],
+    ) -> impl Future<Output = Result<BulkEnrolled, StoreError>> + Send;
+
+    /// The derived state last notified to the webhook per host, as persisted (hosts never
+    /// notified are absent). The webhook's module doc has the design.
+    fn notified(
+        &self,
+    ) -> impl Future<Output = Result<HashMap<String, HostState>, StoreError>> + Send;
+
+    /// Records `states` as notified for the hosts that have no notified state yet: the
+    /// baseline the first tracker round learns, without a webhook call.
+    fn baseline_notified(
+        &self,
+        states: Vec<(String, HostState)>,
+        at_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims the change of `host_id` to `state`, noticed at `at_ms`, for this receiver to
+    /// send: `false` when it is notified already (by another receiver on the same
+    /// database, or a change noticed later was claimed first), and the caller must not
+    /// send it.
+    fn claim_notified(
+        &self,
+        host_id: &str,
+        state: HostState,
+        at_ms: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives back a claim whose call was cut short (the receiver stopping): `host_id` is
+    /// notified as `previous` again, unless a later claim took it meanwhile, so the
+    /// change is sent after the restart.
+    fn release_notified(
+        &self,
+        host_id: &str,
+        claimed: HostState,
+        at_ms: u64,
+        previous: HostState,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Makes the notified states recorded so far durable where they are not already
+    /// (the file store batches them into one atomic file write; PostgreSQL commits each
+    /// claim at once).
+    fn flush_notified(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// What [`Store::enroll_many`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkEnrolled {
+    /// Keys newly enrolled.
+    pub keys: usize,
+    /// Distinct hosts those keys belong to.
+    pub hosts: usize,
+    /// Keys that were enrolled already (or listed twice).
+    pub already: usize,
 }
 
 #[cfg(test)]

@@ -26,6 +26,16 @@
 //!   a BRIN index on `received_ms` serves pruning at almost no insert cost (rows arrive
 //!   in time order).
 //!
+//! v2 adds `hosts.notified_state` and `hosts.notified_ms`: the derived state last
+//! notified to the webhook and when that change was noticed. A receiver claims a change
+//! before it calls the webhook with one `UPDATE … WHERE notified_state IS DISTINCT FROM
+//! $new AND notified_ms < $noticed`: the row lock makes the claim atomic, so of several
+//! receivers noticing the same change exactly one sends it, and the time guard keeps a
+//! receiver that lags behind from claiming a change the others have already moved past.
+//!
+//! `enroll_many` (the CLI's `enroll --from`) runs in one transaction on its own session,
+//! [`BULK_CHUNK`] rows per statement: all or nothing.
+//!
 //! # Accepting: one statement for every request waiting
 //! [`Store::accept`] queues the heartbeat to one of [`WRITERS`] writer tasks, each with
 //! its own session. A writer takes every request waiting (up to [`MAX_BATCH`]) and stores
@@ -76,8 +86,8 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 use tracing::{info, warn};
 
 use super::{
-    AcceptOutcome, EnrolledKey, HostBrief, HostFilter, HostView, Incoming, LastHeartbeat, Page,
-    PruneStats, Store, StoreError, epoch_ms,
+    AcceptOutcome, BulkEnrolled, EnrolledKey, HostBrief, HostFilter, HostView, Incoming,
+    LastHeartbeat, Page, PruneStats, Store, StoreError, epoch_ms,
 };
 use crate::control::body::{self, Summary};
 use crate::control::metrics::ALL_STATES;
@@ -101,6 +111,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// never hold many locks.
 const PRUNE_CHUNK: i64 = 10_000;
 const PRUNE_ROUNDS: usize = 100;
+/// Rows per statement of a bulk enrolment or of the webhook's baseline.
+pub const BULK_CHUNK: usize = 10_000;
 /// Rows read per query while filtering `/v1/hosts`.
 const LIST_CHUNK: i64 = 1000;
 /// Retries of a group that hit a deadlock or serialization failure.
@@ -116,9 +128,10 @@ const SESSION_SETUP: &str = "SET synchronous_commit = on; SET statement_timeout 
 
 /// The schema migrations, in order: `(version, SQL)`. Append only; never edit a shipped
 /// one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE hosts (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE hosts (
          host_id text COLLATE \"C\" PRIMARY KEY,
          last_seq bigint NOT NULL DEFAULT 0,
          received_ms bigint,
@@ -145,7 +158,14 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
          PRIMARY KEY (host_id, seq)
      );
      CREATE INDEX heartbeats_received_ms ON heartbeats USING brin (received_ms);",
-)];
+    ),
+    (
+        2,
+        // The webhook's last notified state per host, and when that change was noticed
+        // (see the webhook module doc): claimed by one receiver per change.
+        "ALTER TABLE hosts ADD COLUMN notified_state text, ADD COLUMN notified_ms bigint;",
+    ),
+];
 
 // `fillfactor = 70` above: every heartbeat rewrites its host's row; the free space lets
 // PostgreSQL keep the new version on the same page (a HOT update, no index write).
@@ -1056,6 +1076,171 @@ impl Store for PgStore {
             }
         }
         Ok(stats)
+    }
+
+    async fn enroll_many(&self, keys: &[(String, PublicKey)]) -> Result<BulkEnrolled, StoreError> {
+        for (host, _) in keys {
+            body::valid_host_id(host)
+                .map_err(|e| StoreError::Invalid(format!("host id {host:?}: {e}")))?;
+        }
+        // Minutes at most for millions of keys; the server's statement timeout bounds
+        // each chunk.
+        self.enroll_many_inner(keys).await
+    }
+
+    async fn notified(&self) -> Result<HashMap<String, HostState>, StoreError> {
+        let rows = self
+            .inner
+            .background
+            .run("reading notified states", |c| async move {
+                c.client
+                    .query(
+                        "SELECT host_id::text, notified_state FROM hosts \
+                         WHERE notified_state IS NOT NULL",
+                        &[],
+                    )
+                    .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| Ok((col(r, 0)?, parse_state(col::<Option<&str>>(r, 1)?))))
+            .collect()
+    }
+
+    async fn baseline_notified(
+        &self,
+        states: Vec<(String, HostState)>,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let at = ms_i64(at_ms, "time")?;
+        for chunk in states.chunks(BULK_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
+            let sts: Vec<&str> = chunk.iter().map(|(_, s)| s.as_str()).collect();
+            self.inner
+                .background
+                .run("recording notified states", |c| {
+                    let (ids, sts) = (&ids, &sts);
+                    async move {
+                        c.client
+                            .execute(
+                                "UPDATE hosts h SET notified_state = t.s, notified_ms = $3 \
+                                 FROM unnest($1::text[], $2::text[]) AS t(host_id, s) \
+                                 WHERE h.host_id = t.host_id AND h.notified_state IS NULL",
+                                &[ids, sts, &at],
+                            )
+                            .await
+                    }
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_notified(
+        &self,
+        host_id: &str,
+        state: HostState,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let at = ms_i64(at_ms, "time")?;
+        let n = self
+            .inner
+            .background
+            .run("claiming a webhook call", |c| async move {
+                c.client
+                    .execute(
+                        "UPDATE hosts SET notified_state = $2, notified_ms = $3 \
+                         WHERE host_id = $1 AND notified_state IS DISTINCT FROM $2 \
+                         AND coalesce(notified_ms, 0) < $3",
+                        &[&host_id, &state.as_str(), &at],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn release_notified(
+        &self,
+        host_id: &str,
+        claimed: HostState,
+        at_ms: u64,
+        previous: HostState,
+    ) -> Result<(), StoreError> {
+        let at = ms_i64(at_ms, "time")?;
+        self.inner
+            .background
+            .run("giving back a webhook call", |c| async move {
+                c.client
+                    .execute(
+                        "UPDATE hosts SET notified_state = $4 \
+                         WHERE host_id = $1 AND notified_state = $2 AND notified_ms = $3",
+                        &[&host_id, &claimed.as_str(), &at, &previous.as_str()],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn flush_notified(&self) -> Result<(), StoreError> {
+        // Every claim is committed when it is made.
+        Ok(())
+    }
+}
+
+impl PgStore {
+    async fn enroll_many_inner(
+        &self,
+        keys: &[(String, PublicKey)],
+    ) -> Result<BulkEnrolled, StoreError> {
+        let connector = &self.inner.reads.connector;
+        let target = connector.target().to_string();
+        let fail = |e: tokio_postgres::Error| {
+            StoreError::Database(format!("enrolling on {target}: {}", pg::error_chain(&e)))
+        };
+        let now = ms_i64(epoch_ms(SystemTime::now()), "time")?;
+        // Its own session: a transaction must not share the pipelined one.
+        let mut client = connector.session().await.map_err(StoreError::Unavailable)?;
+        let tx = client.transaction().await.map_err(fail)?;
+        let mut hosts = HashSet::new();
+        let mut new = 0usize;
+        for chunk in keys.chunks(BULK_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
+            let kids: Vec<&str> = chunk
+                .iter()
+                .map(|(_, k)| k.info().key_id.as_str())
+                .collect();
+            let pubs: Vec<&str> = chunk
+                .iter()
+                .map(|(_, k)| k.info().public_key_b64.as_str())
+                .collect();
+            // One statement per chunk: the host rows, then the keys (the foreign key is
+            // checked at the end of the statement, after the CTE's insert).
+            let rows = tx
+                .query(
+                    "WITH t AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
+                                AS t(host_id, key_id, public_key)), \
+                          h AS (INSERT INTO hosts (host_id) SELECT DISTINCT host_id FROM t \
+                                ON CONFLICT DO NOTHING) \
+                     INSERT INTO host_keys (host_id, key_id, public_key, enrolled_ms) \
+                     SELECT DISTINCT ON (host_id, key_id) host_id, key_id, public_key, $4 \
+                       FROM t ON CONFLICT DO NOTHING RETURNING host_id::text",
+                    &[&ids, &kids, &pubs, &now],
+                )
+                .await
+                .map_err(fail)?;
+            new += rows.len();
+            for r in &rows {
+                hosts.insert(col::<String>(r, 0)?);
+            }
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(BulkEnrolled {
+            keys: new,
+            hosts: hosts.len(),
+            already: keys.len() - new,
+        })
     }
 }
 
