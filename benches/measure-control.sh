@@ -8,6 +8,8 @@
 # Usage (root: PostgreSQL runs as the postgres user):
 #   benches/measure-control.sh [HOSTS] [CONNS] [SECS]      defaults 10000 256 20
 #   STORES="pg" benches/measure-control.sh                 one store only (file, pg)
+#   PERF=/tmp/control.perf CARGO_PROFILE_RELEASE_STRIP=false benches/measure-control.sh
+#                                                          and profile the receiver
 # Everything lives in a temp dir and is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,8 +82,12 @@ EOF
     "$load" enroll "$([ "$kind" = file ] && echo "$work/$kind/state" || echo "$store")" "$HOSTS" 2>&1 | tail -1
     c0=$(ticks $pid)
     p0=$([ "$kind" = pg ] && pg_ticks || echo 0)
+    # PERF=FILE: a CPU profile of the receiver during the load (perf must be installed;
+    # build with CARGO_PROFILE_RELEASE_STRIP=false for symbols).
+    [ -n "${PERF:-}" ] && { perf record -F 499 -g -p "$pid" -o "$PERF.$kind" >/dev/null 2>&1 & echo $! > "$work/perf.pid"; }
     out=$(CONTROL_LOAD_ENROLLED=1 "$load" load "http://127.0.0.1:$port/v1/heartbeats" "$store" "$HOSTS" "$CONNS" "$SECS" 2>&1)
     c1=$(ticks $pid)
+    [ -n "${PERF:-}" ] && { kill -INT "$(cat "$work/perf.pid")"; sleep 2; rm -f "$work/perf.pid"; }
     p1=$([ "$kind" = pg ] && pg_ticks || echo 0)
     echo "$out" | sed 's/^/  /'
     n=$(echo "$out" | awk '/accepted in/ {print $1}')
