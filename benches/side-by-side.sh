@@ -13,6 +13,21 @@
 # Prints a Markdown table with ratios against the peers and vigil's targets, and writes
 # the raw numbers to RESULTS (outside the repo; the path is printed at the end).
 #
+# What is measured, per peer:
+#   RSS          VmRSS at the end of the idle window, summed over the peer's daemons
+#                (not a pgbackrest child that happens to run at that instant);
+#   CPU          utime+stime+cutime+cstime deltas over the idle window from /proc/PID/stat
+#                of each daemon and its live descendants (cutime: reaped pgbackrest runs);
+#                the PostgreSQL work it causes: the same over both postmasters and their
+#                children (cutime: reaped backends), minus the baseline phase's, per minute;
+#   latency      wrk -t1 -c1 -dLAT_SECS --latency: one keep-alive connection, requests back
+#                to back as a scraper sends them, µs resolution, thousands of samples for a
+#                fast endpoint, and the tool and flags of measure-agent.sh so the numbers
+#                compare with it (a python client would add its own interpreter's latency);
+#   throughput   wrk -t2 -c16 -d10s on the health endpoint (or the cheapest page);
+#   first 200    python: fork, setuid postgres, exec; then a GET every 1 ms until a 200;
+#   binary       file size of the release vigil (stripped by the profile) and of the peers.
+#
 # Usage (root; installs nothing: postgresql-15 pgbackrest prometheus-node-exporter
 #        prometheus-postgres-exporter monit wrk curl python3 must be there):
 #   benches/side-by-side.sh
@@ -580,7 +595,20 @@ for name, v, n, p, e, m, target, fmt, hib in rows:
         t = f"{op} {fmt.format(tv)} {'✅' if ok else '❌'}"
     print(f"| {name} | {f(fmt, v)} | {t} | {f(fmt, n)} | {f(fmt, p)} | {f(fmt, e)} | {f(fmt, m)} | {ratio(v, e)} | {ratio(v, m)} |")
 print()
-print(f"Baseline (idle pair, no peer): {per_min('baseline', 'cluster_cpu_s'):.3f} CPU s per minute.")
+head = open(sys.argv[1]).readline().lstrip("# ").strip()
+tick = 0.01 * 60 / num("baseline.idle_wall_s")
+print(f"""Notes ({head}):
+- Baseline (idle pair, no peer): {per_min('baseline', 'cluster_cpu_s'):.3f} CPU s per minute; "PostgreSQL work caused"
+  is a phase's cluster CPU minus that, per minute. CPU comes from /proc/PID/stat in clock
+  ticks (10 ms): each per-process figure is good to about ±{tick:.3f} s per minute at
+  IDLE_SECS={R.get('IDLE_SECS')}; a longer IDLE_SECS narrows it.
+- node+pg exporters: RSS, CPU and binary size are sums; /metrics latency is the sum of
+  both scrapes (Prometheus needs both for the data vigil serves in one); first 200 is the
+  later of the two (started at the same instant); the health row is the faster of their
+  landing pages `/` (neither has a health endpoint).
+- monit has no /metrics: its latency rows are its status page `/_status?format=xml`, its
+  health row is `/_status`, its first 200 is `/_status?format=xml` on its httpd.
+- Scrapes of the exporters inside the idle window: {R.get('exporters.scrapes_in_window')}.""")
 PY
 echo
 echo "raw numbers: $RESULTS (table also in $RESULTS.md)"
