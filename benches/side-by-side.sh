@@ -579,7 +579,9 @@ rows.append(("binary size, MiB", b("vigil.binary_bytes"), b("exporters.binary_by
 def f(fmt, v):
     return "n/a" if v is None else fmt.format(v)
 def ratio(v, peer):
-    if v is None or peer is None or peer == 0:
+    # A zero or negative figure (a difference from the baseline within the noise) has no
+    # meaningful ratio.
+    if v is None or peer is None or peer <= 0 or v < 0:
         return "n/a"
     return f"{v / peer:.2f}×"
 print()
@@ -601,7 +603,8 @@ print(f"""Notes ({head}):
 - Baseline (idle pair, no peer): {per_min('baseline', 'cluster_cpu_s'):.3f} CPU s per minute; "PostgreSQL work caused"
   is a phase's cluster CPU minus that, per minute. CPU comes from /proc/PID/stat in clock
   ticks (10 ms): each per-process figure is good to about ±{tick:.3f} s per minute at
-  IDLE_SECS={R.get('IDLE_SECS')}; a longer IDLE_SECS narrows it.
+  IDLE_SECS={R.get('IDLE_SECS')}, the cluster's (some 15 processes) to several times that, so a
+  small or negative "caused" is noise; a longer IDLE_SECS narrows it.
 - node+pg exporters: RSS, CPU and binary size are sums; /metrics latency is the sum of
   both scrapes (Prometheus needs both for the data vigil serves in one); first 200 is the
   later of the two (started at the same instant); the health row is the faster of their
