@@ -21,17 +21,22 @@
 //! stderr only on the admin socket.
 //!
 //! TCP peers outside `[api].allow` get 403; methods other than GET/HEAD/OPTIONS get 405.
-//! Each listener caps concurrent connections and bounds how long a client may take to send
-//! its headers, so a slow or hostile client cannot pin the agent's memory or tasks.
+//! Each listener caps concurrent connections (`[api].max_connections`) and bounds how long a
+//! client may take to send its headers ([`HEADER_READ_TIMEOUT`]), so a slow or hostile client
+//! cannot pin the agent's memory or tasks. When the cap is reached, a new connection evicts
+//! the held one that has gone longest without a request in progress (see [`Slots`]): idle
+//! or slow clients can never queue a load balancer's health check behind them.
 
 pub mod metrics;
 pub mod routes;
 pub mod routing;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -44,7 +49,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -58,24 +63,176 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long shutdown waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-async fn serve_conn<S>(api: Arc<ApiState>, access: Access, io: S, graceful: &GracefulShutdown)
+/// The connections one listener holds: at most `max` (a semaphore permit each), and for
+/// each one whether a request is in progress and when it last had one.
+///
+/// Why eviction rather than a plain queue: with the semaphore alone, a full set of idle
+/// connections (a flood, a slowloris per slot, a pool of keep-alive clients that went quiet)
+/// leaves every new connection in the kernel's accept queue until header-read timeouts free
+/// slots, so a health check waits seconds to minutes behind them. Instead, a connection that
+/// arrives at the cap closes the held connection that has gone longest without a request in
+/// progress (nginx reuses idle keep-alive connections the same way), and only waits when
+/// every held connection is in the middle of a request, which cached answers finish in
+/// milliseconds. The cost falls on the oldest idle client, which can reconnect.
+struct Slots {
+    /// One permit per held connection; a permit lives in the connection's [`PermitIo`].
+    limit: Arc<Semaphore>,
+    /// Held connections by id; each connection task removes its own entry when it ends.
+    held: Mutex<HashMap<u64, Arc<Slot>>>,
+    next_id: AtomicU64,
+    /// Reference point for [`Slot::last_active_ms`].
+    epoch: Instant,
+}
+
+/// One held connection.
+struct Slot {
+    /// A request is being answered: never evicted meanwhile.
+    busy: AtomicBool,
+    /// When a request last started or ended (or the connection was accepted), in ms since
+    /// [`Slots::epoch`].
+    last_active_ms: AtomicU64,
+    /// Cancelled to evict; the connection task watches it and drops the connection.
+    evict: CancellationToken,
+}
+
+impl Slots {
+    fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            limit: Arc::new(Semaphore::new(max.max(1))),
+            held: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A permit for a connection just accepted: at once when below the cap, else after
+    /// evicting the longest-idle held connection (or, when every one is busy, once one
+    /// ends). `None` when `cancel` fires first.
+    async fn admit(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.limit.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        self.evict_one();
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            p = self.limit.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Evicts the held connection that has gone longest without a request in progress.
+    fn evict_one(&self) {
+        let held = match self.held.lock() {
+            Ok(h) => h,
+            // A panic while holding this lock left only a map of tokens behind; still usable.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let victim = held
+            .values()
+            .filter(|s| !s.busy.load(Ordering::Acquire) && !s.evict.is_cancelled())
+            .min_by_key(|s| s.last_active_ms.load(Ordering::Acquire));
+        if let Some(v) = victim {
+            debug!("connection cap reached: closing the longest-idle connection");
+            v.evict.cancel();
+        }
+    }
+
+    /// Registers a new connection; returns its id and slot.
+    fn register(&self) -> (u64, Arc<Slot>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            evict: CancellationToken::new(),
+        });
+        let mut held = match self.held.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        held.insert(id, slot.clone());
+        (id, slot)
+    }
+
+    fn remove(&self, id: u64) {
+        let mut held = match self.held.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        held.remove(&id);
+    }
+
+    /// Marks a request on `slot` as started; the guard marks it ended when dropped.
+    fn busy<'a>(&'a self, slot: &'a Slot) -> BusyGuard<'a> {
+        slot.busy.store(true, Ordering::Release);
+        slot.last_active_ms.store(self.now_ms(), Ordering::Release);
+        BusyGuard { slots: self, slot }
+    }
+}
+
+/// See [`Slots::busy`].
+struct BusyGuard<'a> {
+    slots: &'a Slots,
+    slot: &'a Slot,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.slot
+            .last_active_ms
+            .store(self.slots.now_ms(), Ordering::Release);
+        self.slot.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Runs `conn` (a hyper connection already watched by the graceful shutdown) on its own
+/// task until it ends or `slot` is evicted; then forgets the slot.
+fn spawn_conn<F, E>(conn: F, slots: Arc<Slots>, id: u64, slot: Arc<Slot>)
 where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            r = conn => {
+                if let Err(e) = r {
+                    debug!(error = %e, "connection ended with an error");
+                }
+            }
+            // Dropping the connection closes the socket and releases its permit.
+            _ = slot.evict.cancelled() => {}
+        }
+        slots.remove(id);
+    });
+}
+
+async fn serve_conn<S>(
+    api: Arc<ApiState>,
+    access: Access,
+    io: S,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Slots>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let api = api.clone();
-        async move { Ok::<_, Infallible>(dispatch(&api, access, req).await) }
+    let (id, slot) = slots.register();
+    let svc = service_fn({
+        let (slots, slot) = (slots.clone(), slot.clone());
+        move |req: Request<Incoming>| {
+            let (api, slots, slot) = (api.clone(), slots.clone(), slot.clone());
+            async move {
+                let _busy = slots.busy(&slot);
+                Ok::<_, Infallible>(dispatch(&api, access, req).await)
+            }
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(io), svc);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "connection ended with an error");
-        }
-    });
+    spawn_conn(graceful.watch(conn), slots.clone(), id, slot);
 }
 
 async fn dispatch(api: &ApiState, access: Access, req: Request<Incoming>) -> routes::Resp {
@@ -124,18 +281,19 @@ pub async fn serve_tcp(
     cancel: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
+    let slots = Slots::new(max_conns);
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
+        // Accept first, then make room: a connection left in the kernel's queue could not
+        // evict anyone (see `Slots`).
         let (stream, peer): (_, SocketAddr) = tokio::select! {
             _ = cancel.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => { accept_error(e).await; continue; }
             },
+        };
+        let Some(permit) = slots.admit(&cancel).await else {
+            break;
         };
         let access = if allow.iter().any(|n| n.contains(peer.ip())) {
             Some(Access::ReadOnly)
@@ -144,13 +302,14 @@ pub async fn serve_tcp(
         };
         let api = api.clone();
         match access {
-            Some(a) => serve_conn(api, a, PermitIo::new(stream, permit), &graceful).await,
+            Some(a) => serve_conn(api, a, PermitIo::new(stream, permit), &graceful, &slots).await,
             None => {
                 debug!(%peer, "refusing a source outside [api].allow");
                 serve_forbidden(
                     PermitIo::new(stream, permit),
                     "source address not in [api].allow",
                     &graceful,
+                    &slots,
                 )
                 .await;
             }
@@ -168,19 +327,18 @@ pub async fn serve_unix(
     cancel: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
+    let slots = Slots::new(max_conns);
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => { accept_error(e).await; continue; }
             },
+        };
+        let Some(permit) = slots.admit(&cancel).await else {
+            break;
         };
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         let trusted = matches!(uid, Some(u) if u == 0 || u == own_uid);
@@ -190,6 +348,7 @@ pub async fn serve_unix(
                 Access::Admin,
                 PermitIo::new(stream, permit),
                 &graceful,
+                &slots,
             )
             .await;
         } else {
@@ -198,6 +357,7 @@ pub async fn serve_unix(
                 PermitIo::new(stream, permit),
                 "peer uid not allowed on the admin socket",
                 &graceful,
+                &slots,
             )
             .await;
         }
@@ -206,10 +366,16 @@ pub async fn serve_unix(
 }
 
 /// Answers every request on the connection with 403 and `reason`.
-async fn serve_forbidden<S>(io: S, reason: &'static str, graceful: &GracefulShutdown)
-where
+async fn serve_forbidden<S>(
+    io: S,
+    reason: &'static str,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Slots>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Never marked busy: a refused peer is the first to make room for others.
+    let (id, slot) = slots.register();
     let svc =
         service_fn(
             move |_req: Request<Incoming>| async move { Ok::<_, Infallible>(forbidden(reason)) },
@@ -219,10 +385,7 @@ where
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(false)
         .serve_connection(TokioIo::new(io), svc);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    spawn_conn(graceful.watch(conn), slots.clone(), id, slot);
 }
 
 async fn drain(graceful: GracefulShutdown) {
@@ -252,12 +415,12 @@ pin_project_lite::pin_project! {
     struct PermitIo<S> {
         #[pin]
         inner: S,
-        _permit: tokio::sync::OwnedSemaphorePermit,
+        _permit: OwnedSemaphorePermit,
     }
 }
 
 impl<S> PermitIo<S> {
-    fn new(inner: S, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
         PermitIo {
             inner,
             _permit: permit,
@@ -294,5 +457,49 @@ impl<S: AsyncWrite> AsyncWrite for PermitIo<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn at_the_cap_the_longest_idle_connection_is_evicted_never_a_busy_one() {
+        let slots = Slots::new(3);
+        let cancel = CancellationToken::new();
+        let mut permits = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            permits.push(slots.admit(&cancel).await.unwrap());
+            held.push(slots.register());
+            // Distinct `last_active_ms` for a deterministic order.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The oldest is mid-request: the next oldest goes.
+        let busy = slots.busy(&held[0].1);
+        slots.evict_one();
+        assert!(!held[0].1.evict.is_cancelled());
+        assert!(held[1].1.evict.is_cancelled());
+        assert!(!held[2].1.evict.is_cancelled());
+        // An evicted one is not picked twice.
+        slots.evict_one();
+        assert!(held[2].1.evict.is_cancelled());
+        // Everything left is busy: nobody is evicted, a new connection waits for a permit.
+        slots.evict_one();
+        assert!(!held[0].1.evict.is_cancelled());
+        drop(busy);
+        assert_eq!(slots.limit.available_permits(), 0);
+        let waiting = slots.admit(&cancel);
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err()
+        );
+        // The evicted connection's task ends and releases its permit: admitted.
+        slots.remove(held[1].0);
+        drop(permits.remove(1));
+        assert!(waiting.await.is_some());
     }
 }

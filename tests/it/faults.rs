@@ -511,3 +511,268 @@ fn keeps_sampling(agent: &Agent, names: &[&str]) {
         });
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 4. Abusive clients against the API.
+
+/// Idle connections the flood opens.
+const FLOOD: usize = 2000;
+
+/// The agent's resident set size in KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Samples the agent's RSS every 20 ms on its own thread; `finish` gives the peak.
+struct RssWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl RssWatch {
+    fn start(pid: u32) -> RssWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    peak = peak.max(rss_kib(pid));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak
+            }
+        });
+        RssWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit (the flood needs more than
+/// the usual 1024 descriptors); asserts there is room for `need`.
+fn raise_nofile(need: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    assert!(hard >= need, "RLIMIT_NOFILE hard limit {hard} < {need}");
+}
+
+/// Reads from `s` until EOF, an error or `limit`; returns what came and how long it took.
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    use std::io::Read;
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while t.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    (got, t.elapsed())
+}
+
+fn status_code(response: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(response);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// Thousands of idle connections, a slowloris, 1 MiB of headers and a 16 MiB body against
+/// the agent's listeners: `/health` keeps answering within [`HEALTH_BOUND`], the agent's
+/// RSS stays under its baseline plus 32 MiB, the slowloris is cut off at the header-read
+/// timeout, the oversized header gets 431, the oversized admin body 413, and the agent is
+/// the same process at the end.
+///
+/// The RSS bound: at most `[api].max_connections` (256) connections are held, each with
+/// hyper's read buffer (8 KiB, growing to its ~400 KiB cap only while a head is being
+/// read); idle ones cost ~2 MiB in all, and the four oversized heads ~1.6 MiB. 32 MiB is
+/// far above that and far below what holding every flood connection or every header byte
+/// would cost (2000 connections × 8 KiB = 16 MiB of buffers alone before task overhead;
+/// 4 × 1 MiB of headers and a 16 MiB body buffered would break it outright).
+///
+/// Nothing lost: no `/health` request fails or waits behind the abusive clients, and the
+/// agent neither crashes nor restarts.
+#[test]
+fn abusive_clients_do_not_starve_health_or_grow_memory() {
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    raise_nofile(FLOOD as u64 + 1024);
+    let dir = tempdir();
+    let d = dir.path();
+    let cfg = write_config(d, &disk_check("a", d));
+    let mut agent = Agent::start(&cfg);
+    let pid = agent.child.id();
+    // Warm up the allocator and the listener with a few ordinary requests first.
+    for _ in 0..20 {
+        assert_eq!(agent.get("/health").0, 200);
+    }
+    let baseline = rss_kib(pid);
+    let rss = RssWatch::start(pid);
+    let probe = HealthProbe::start(agent.addr);
+
+    // The flood: connect, never send a byte.
+    let t = Instant::now();
+    let mut idle = Vec::with_capacity(FLOOD);
+    let mut refused = 0;
+    for _ in 0..FLOOD {
+        match TcpStream::connect_timeout(&agent.addr, Duration::from_secs(2)) {
+            Ok(s) => idle.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    eprintln!(
+        "flood: {} connected, {refused} not, in {:?}",
+        idle.len(),
+        t.elapsed()
+    );
+    assert!(idle.len() >= FLOOD / 2, "only {} connected", idle.len());
+    // With every flood connection still open, fresh requests are answered at once.
+    for _ in 0..10 {
+        let t = Instant::now();
+        let (code, body) = try_http(agent.addr, "GET", "/health", None)
+            .unwrap_or_else(|e| panic!("/health during the flood: {e}"));
+        assert_eq!(code, 200, "{body}");
+        assert!(t.elapsed() < HEALTH_BOUND, "/health took {:?}", t.elapsed());
+    }
+
+    // Oversized headers: 1 MiB of one header, four at once.
+    let big = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut s = TcpStream::connect(agent.addr).unwrap();
+                    let mut req = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+                    req.resize(req.len() + 1024 * 1024, b'a');
+                    req.extend_from_slice(b"\r\n\r\n");
+                    // The agent may close before taking it all: that is the point.
+                    let _ = s.write_all(&req);
+                    read_until_closed(&mut s, Duration::from_secs(10))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (resp, took) in &big {
+        let code = status_code(resp);
+        assert!(
+            code.is_none() || code == Some(431),
+            "1 MiB of headers answered {code:?}: {}",
+            String::from_utf8_lossy(resp)
+        );
+        assert!(*took < Duration::from_secs(10), "never closed");
+    }
+
+    // An oversized body on the read-only listener: answered without reading it.
+    let mut s = TcpStream::connect(agent.addr).unwrap();
+    let body_len = 16 * 1024 * 1024;
+    s.write_all(
+        format!("GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: {body_len}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'b'; 64 * 1024];
+            for _ in 0..(body_len / chunk.len()) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (resp, _) = read_until_closed(&mut s, Duration::from_secs(10));
+    assert_eq!(
+        status_code(&resp),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    drop(s);
+    writer.join().unwrap();
+
+    // And on the admin socket, where POST bodies are read: refused at the limit.
+    let admin = {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let mut s = UnixStream::connect(&cfg.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!(
+            "POST /lifecycle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {body_len}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let chunk = vec![b' '; 64 * 1024];
+        for _ in 0..(body_len / chunk.len()) {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        resp
+    };
+    assert_eq!(
+        status_code(&admin),
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&admin)
+    );
+
+    // A slowloris: one header byte every 2 s is cut off at the header-read timeout (5 s)
+    // plus slack, rather than held forever.
+    let mut slow = TcpStream::connect(agent.addr).unwrap();
+    let t = Instant::now();
+    let req = b"GET /health HTTP/1.1\r\nHost: x\r\n";
+    let mut closed_after = None;
+    for b in req {
+        if slow.write_all(&[*b]).is_err() {
+            closed_after = Some(t.elapsed());
+            break;
+        }
+        let (resp, _) = read_until_closed(&mut slow, Duration::from_secs(2));
+        if !resp.is_empty() || t.elapsed() > Duration::from_secs(12) {
+            closed_after = Some(t.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the slowloris was never cut off");
+    eprintln!("slowloris: cut off after {closed_after:?}");
+    assert!(
+        closed_after < Duration::from_secs(10),
+        "slowloris held for {closed_after:?}"
+    );
+
+    drop(idle);
+    probe.finish(HEALTH_BOUND, "abusive clients");
+    let peak = rss.finish();
+    eprintln!("abusive clients: RSS baseline {baseline} KiB, peak {peak} KiB");
+    assert!(
+        peak <= baseline + 32 * 1024,
+        "RSS grew from {baseline} KiB to {peak} KiB"
+    );
+    assert_alive(&mut agent, pid);
+    assert_eq!(agent.get("/health").0, 200);
+}
