@@ -776,3 +776,239 @@ fn abusive_clients_do_not_starve_health_or_grow_memory() {
     assert_alive(&mut agent, pid);
     assert_eq!(agent.get("/health").0, 200);
 }
+
+// ---------------------------------------------------------------------------------------
+// State directory checks shared by 5 and 6.
+
+/// Every file under a stopped agent's `state_dir` parses: the JSON state files, each line
+/// of each audit segment (complete JSON ending in a newline, `n` strictly increasing
+/// across segments), and the spool (opened and read by the agent's own code). Returns the
+/// audit `n`s and the spooled seqs, in order. `skip` names files that are not the agent's.
+fn assert_state_dir_parses(state_dir: &std::path::Path, skip: &[&str]) -> (Vec<u64>, Vec<u64>) {
+    let mut audit_ns = Vec::new();
+    let mut stack = vec![state_dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    for path in &files {
+        let rel = path
+            .strip_prefix(state_dir)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        // agent.lock: the empty file the running agent holds an flock on.
+        if skip.contains(&rel.as_str()) || rel.starts_with("spool/") || rel == "agent.lock" {
+            continue;
+        }
+        let bytes = std::fs::read(path).unwrap();
+        if name.starts_with('.') && name.contains(".tmp.") {
+            // write_atomic's temp file of a write cut short by the kill: never read, and
+            // the real file beside it still holds the previous value.
+            continue;
+        }
+        if rel.starts_with("audit/") && name.ends_with(".jsonl") {
+            let text = String::from_utf8(bytes).unwrap_or_else(|e| panic!("{rel}: not UTF-8: {e}"));
+            for (i, line) in text.split_inclusive('\n').enumerate() {
+                // A line without its newline can only be the torn tail of the newest
+                // segment, which the agent cuts at open; a complete one must parse.
+                assert!(
+                    line.ends_with('\n'),
+                    "{rel}:{}: a half-written audit record: {line:?}",
+                    i + 1
+                );
+                let v: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{rel}:{}: {e}: {line:?}", i + 1));
+                audit_ns.push(
+                    v["n"]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("{rel}: no n: {v}")),
+                );
+            }
+            continue;
+        }
+        serde_json::from_slice::<Value>(&bytes)
+            .unwrap_or_else(|e| panic!("{rel}: {e}: {:?}", String::from_utf8_lossy(&bytes)));
+    }
+    for w in audit_ns.windows(2) {
+        assert!(w[0] < w[1], "audit n not increasing: {audit_ns:?}");
+    }
+    let spool_dir = state_dir.join("spool");
+    let seqs = if spool_dir.exists() {
+        let mut spool = vigil::heartbeat::spool::Spool::open(&spool_dir, 64 << 20)
+            .unwrap_or_else(|e| panic!("spool: {e}"));
+        let all = spool
+            .peek_oldest(usize::MAX)
+            .unwrap_or_else(|e| panic!("spool: {e}"));
+        all.into_iter().map(|(s, _)| s).collect()
+    } else {
+        Vec::new()
+    };
+    (audit_ns, seqs)
+}
+
+/// `POST` on the admin socket; status and body.
+fn admin_post(cfg: &TestConfig, path: &str, body: &Value) -> (u16, String) {
+    crate::util::unix_http(&cfg.socket, "POST", path, Some(&body.to_string()))
+}
+
+/// `GET /health` whatever the status.
+fn health(agent: &Agent) -> Value {
+    let (code, body) = try_http(agent.addr, "GET", "/health", None)
+        .unwrap_or_else(|e| panic!("/health: {e}\n{}", agent.logs()));
+    assert!(code == 200 || code == 503, "/health {code}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of an unlabelled series in `/metrics`.
+fn metric(agent: &Agent, name: &str) -> f64 {
+    let (code, text) = agent.get("/metrics");
+    assert_eq!(code, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. State directory full.
+
+/// `state_dir` on a 256 KiB tmpfs, heartbeats spooling (the receiver's port is closed) and
+/// a remediation run by hand, then the tmpfs filled to the brim: the agent keeps checking
+/// and serving; the failed writes show in `/health` (`state_writes`) and `/metrics`; a
+/// lifecycle change and a remediation run are refused rather than half-done (the script
+/// does not run unaudited); once the filler is deleted, spooling and auditing resume and the
+/// failures clear; after a clean stop every file in `state_dir` parses.
+///
+/// Nothing lost: every heartbeat spooled before the disk filled is still in the spool
+/// afterwards, every audit record is whole, and nothing ran without its audit record.
+#[test]
+fn a_full_state_dir_is_reported_and_writes_resume_when_space_returns() {
+    if !crate::util::is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    use crate::heartbeat::{Tmpfs, fill};
+    use crate::remediation::{automation, remediation, scripts};
+    use serde_json::json;
+
+    let dir = tempdir();
+    let d = dir.path();
+    let marker = d.join("ran");
+    let rd = scripts(d, &[("mark.sh", "#!/bin/sh\necho run >> \"$1\"\n")]);
+    let key = d.join("hb.key");
+    let out = crate::util::run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let closed = format!(
+        "http://127.0.0.1:{}/v1/heartbeats",
+        crate::util::free_port()
+    );
+    let body = format!(
+        "{}{}{}[heartbeat]\nurl = {closed:?}\ninterval = \"100ms\"\nmax_backoff = \"200ms\"\n\
+         spool_max = \"4MiB\"\nkey_file = {:?}\n",
+        disk_check("scratch", d),
+        automation(&rd, ""),
+        remediation(
+            &rd,
+            "mark",
+            "mark.sh",
+            &format!(
+                "args = [{:?}]\ncooldown = \"0s\"\nmax_runs = 1000",
+                marker.display().to_string()
+            )
+        ),
+        key.display().to_string()
+    );
+    let cfg = write_config(d, &body);
+    let _mount = Tmpfs::mount(&cfg.state_dir, "256k");
+    let mut agent = Agent::start(&cfg);
+    let pid = agent.child.id();
+    let run = |reason: &str| admin_post(&cfg, "/remediations/mark/run", &json!({"reason": reason}));
+    let (code, body) = run("before the disk fills");
+    assert_eq!(code, 200, "{body}");
+    let spooled_before = poll(WAIT, "3 heartbeats spooled", || {
+        let n = health(&agent)["heartbeat"]["spooled"].as_u64()?;
+        (n >= 3).then_some(n)
+    });
+    assert_eq!(health(&agent)["state_writes"]["failing"], json!({}));
+    assert_eq!(metric(&agent, "vigil_state_files_failing"), 0.0);
+
+    fill(&cfg.state_dir.join("filler"));
+    let failing = poll(WAIT, "the spool's write failure in /health", || {
+        let h = health(&agent);
+        h["state_writes"]["failing"]
+            .get("spool")
+            .map(|_| h["state_writes"].clone())
+    });
+    eprintln!("state dir full: {failing}");
+    assert!(metric(&agent, "vigil_state_write_failures_total") >= 1.0);
+    assert!(metric(&agent, "vigil_state_files_failing") >= 1.0);
+    // A lifecycle change that cannot be persisted is refused, not half-applied.
+    let (code, body) = admin_post(
+        &cfg,
+        "/lifecycle",
+        &json!({"state": "upgrading", "reason": "full"}),
+    );
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(health(&agent)["lifecycle"], "available");
+    // A run whose audit record cannot be written runs nothing.
+    let runs_before = std::fs::read_to_string(&marker).unwrap().lines().count();
+    let (code, body) = run("while the disk is full");
+    assert_ne!(code, 200, "{body}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().lines().count(),
+        runs_before,
+        "the script ran without its audit record"
+    );
+    // Checking and serving go on.
+    keeps_sampling(&agent, &["scratch"]);
+    assert_alive(&mut agent, pid);
+
+    std::fs::remove_file(cfg.state_dir.join("filler")).unwrap();
+    // The run that could not save its guardrail state escalated the remediation (by
+    // design: cooldowns that cannot be kept disable it until an operator resumes).
+    let (code, body) = run("after the disk has room again");
+    assert_eq!(code, 423, "{body}");
+    assert!(body.contains("escalated"), "{body}");
+    let (code, body) = admin_post(&cfg, "/automation/resume", &json!({"reason": "disk freed"}));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = run("after the resume");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().lines().count(),
+        runs_before + 1
+    );
+    let (code, body) = admin_post(
+        &cfg,
+        "/lifecycle",
+        &json!({"state": "upgrading", "reason": "room"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    poll(WAIT, "every state write to succeed again", || {
+        (health(&agent)["state_writes"]["failing"] == json!({})).then_some(())
+    });
+    assert_eq!(metric(&agent, "vigil_state_files_failing"), 0.0);
+    // Spooling resumed: more heartbeats in the spool than before the disk filled.
+    poll(WAIT, "the spool to grow again", || {
+        let n = health(&agent)["heartbeat"]["spooled"].as_u64()?;
+        (n > spooled_before + 2).then_some(())
+    });
+    assert_eq!(agent.stop(), Some(0));
+
+    let (audit, seqs) = assert_state_dir_parses(&cfg.state_dir, &[]);
+    assert!(audit.len() >= 4, "audit records of two runs: {audit:?}");
+    assert!(seqs.len() as u64 > spooled_before, "spool: {seqs:?}");
+    for w in seqs.windows(2) {
+        assert!(w[0] < w[1], "spool seqs not increasing: {seqs:?}");
+    }
+}
