@@ -1012,3 +1012,257 @@ fn a_full_state_dir_is_reported_and_writes_resume_when_space_returns() {
         assert!(w[0] < w[1], "spool seqs not increasing: {seqs:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. kill -9 while persisting.
+
+/// Rounds of start, work, kill -9.
+const KILLS: usize = 100;
+
+/// The agent killed with SIGKILL at a random moment, [`KILLS`] times, while it persists
+/// lifecycle changes (a thread flips `available` ↔ `upgrading` on the admin socket),
+/// remediation state and audit records (a `backup.files` check that a thread keeps
+/// tripping, with an approved remediation that fixes it, no cooldown) and spools heartbeats
+/// (the receiver's port is closed). After each kill: every file in `state_dir` parses, each
+/// audit line is complete JSON (only the newest segment may end in a torn line, which the
+/// next start must cut off), and the agent starts again on that state.
+///
+/// Nothing lost: an audit record or a spooled heartbeat seen after one kill is still there,
+/// byte for byte, after every later kill (nothing is delivered, so nothing may be deleted);
+/// no audit `n` and no heartbeat `seq` is ever used for two different records; the
+/// sequence reservation on disk never goes backwards.
+#[test]
+fn kill_9_while_persisting_never_corrupts_or_reuses_state() {
+    use std::collections::BTreeMap;
+
+    use crate::remediation::{automation, remediation, scripts};
+    use serde_json::json;
+
+    let dir = tempdir();
+    let d = dir.path();
+    let data = d.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let rd = scripts(
+        d,
+        &[("recreate.sh", "#!/bin/sh\necho dump > \"$1/latest.dump\"\n")],
+    );
+    let key = d.join("hb.key");
+    let out = crate::util::run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let closed = format!(
+        "http://127.0.0.1:{}/v1/heartbeats",
+        crate::util::free_port()
+    );
+    let body = format!(
+        "{}[check.backup.files.dumps]\nglob = \"{}/*.dump\"\ninterval = \"100ms\"\n\
+         remediation = \"recreate\"\n\n{}[heartbeat]\nurl = {closed:?}\ninterval = \"50ms\"\n\
+         max_backoff = \"100ms\"\nspool_max = \"16MiB\"\nkey_file = {:?}\n",
+        automation(&rd, ""),
+        data.display(),
+        remediation(
+            &rd,
+            "recreate",
+            "recreate.sh",
+            &format!(
+                "args = [{:?}]\nverify_after = \"50ms\"\ncooldown = \"0s\"\nmax_runs = 1000000",
+                data.display().to_string()
+            )
+        ),
+        key.display().to_string()
+    );
+    let cfg = write_config(d, &body);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // Keeps the check tripping: the remediation recreates the file, this removes it.
+    let deleter = std::thread::spawn({
+        let (stop, file) = (stop.clone(), data.join("latest.dump"));
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::fs::remove_file(&file);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        }
+    });
+    // Lifecycle changes through the admin socket, whenever an agent is there to take them.
+    let flipper = std::thread::spawn({
+        let (stop, socket) = (stop.clone(), cfg.socket.clone());
+        move || {
+            let mut changes = 0;
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let state = if i % 2 == 0 { "upgrading" } else { "available" };
+                i += 1;
+                let body = json!({"state": state, "reason": "kill -9 test"}).to_string();
+                if let Ok(s) = std::os::unix::net::UnixStream::connect(&socket) {
+                    use std::io::{Read, Write};
+                    let mut s = s;
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let req = format!(
+                        "POST /lifecycle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut resp = String::new();
+                    if s.write_all(req.as_bytes()).is_ok()
+                        && s.read_to_string(&mut resp).is_ok()
+                        && resp.starts_with("HTTP/1.1 200")
+                    {
+                        changes += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            changes
+        }
+    });
+
+    let started = Instant::now();
+    let mut audit_seen: BTreeMap<u64, String> = BTreeMap::new();
+    let mut spool_seen: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut reserved = 0u64;
+    let mut torn = 0;
+    let mut rounds = 0;
+    while rounds < KILLS && started.elapsed() < Duration::from_secs(100) {
+        let agent = Agent::start(&cfg);
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..=250)));
+        drop(agent); // SIGKILL, then reaped
+        rounds += 1;
+
+        let (audit, spool) = crash_state(&cfg.state_dir, &mut torn);
+        for (n, line) in &audit {
+            if let Some(prev) = audit_seen.insert(*n, line.clone()) {
+                assert_eq!(&prev, line, "round {rounds}: audit n {n} reused");
+            }
+        }
+        for n in audit_seen.keys() {
+            assert!(
+                audit.contains_key(n),
+                "round {rounds}: audit record {n} lost"
+            );
+        }
+        for (seq, body) in &spool {
+            if let Some(prev) = spool_seen.insert(*seq, body.clone()) {
+                assert_eq!(
+                    &prev, body,
+                    "round {rounds}: seq {seq} reused for another body"
+                );
+            }
+        }
+        for seq in spool_seen.keys() {
+            assert!(
+                spool.contains_key(seq),
+                "round {rounds}: spooled seq {seq} lost"
+            );
+        }
+        let text =
+            std::fs::read_to_string(cfg.state_dir.join("heartbeat-seq.json")).unwrap_or_default();
+        if !text.is_empty() {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let r = v["reserved_until"].as_u64().unwrap();
+            assert!(
+                r >= reserved,
+                "round {rounds}: reservation went back {reserved} → {r}"
+            );
+            reserved = r;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    deleter.join().unwrap();
+    let changes = flipper.join().unwrap();
+    // The last start must cut a torn tail left by the last kill, and load everything.
+    let agent = Agent::start(&cfg);
+    drop(agent);
+    crash_state(&cfg.state_dir, &mut torn);
+
+    eprintln!(
+        "kill -9: {rounds} rounds in {:?}; {} audit records, {} spooled heartbeats, \
+         {changes} lifecycle changes, {torn} torn audit tails",
+        started.elapsed(),
+        audit_seen.len(),
+        spool_seen.len()
+    );
+    assert!(rounds >= KILLS / 2, "only {rounds} rounds");
+    let events: Vec<&str> = audit_seen
+        .values()
+        .filter_map(|l| l.split("\"event\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        events.contains(&"started") && events.contains(&"succeeded"),
+        "remediations ran during the test: {events:?}"
+    );
+    assert!(
+        spool_seen.len() >= rounds,
+        "heartbeats spooled: {}",
+        spool_seen.len()
+    );
+    assert!(changes >= 10, "lifecycle changes: {changes}");
+}
+
+/// What a killed agent left: every file parses; audit records by `n` (the JSON line) and
+/// the spool's records by seq. A torn last line of the newest audit segment is allowed
+/// (counted in `torn`) and left for the next start to cut off.
+fn crash_state(
+    state_dir: &std::path::Path,
+    torn: &mut usize,
+) -> (
+    std::collections::BTreeMap<u64, String>,
+    std::collections::BTreeMap<u64, Vec<u8>>,
+) {
+    let audit_dir = state_dir.join("audit");
+    let mut segments: Vec<_> = std::fs::read_dir(&audit_dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    segments.sort();
+    let mut skip = Vec::new();
+    if let Some(newest) = segments.last() {
+        let text = std::fs::read_to_string(newest).unwrap();
+        if !text.is_empty() && !text.ends_with('\n') {
+            *torn += 1;
+            // Checked here without its torn tail; the rest of the checker still applies
+            // to every other file.
+            skip.push(
+                newest
+                    .strip_prefix(state_dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string(),
+            );
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            for line in whole.lines() {
+                serde_json::from_str::<Value>(line)
+                    .unwrap_or_else(|e| panic!("{}: {e}: {line:?}", newest.display()));
+            }
+        }
+    }
+    let skip_refs: Vec<&str> = skip.iter().map(String::as_str).collect();
+    assert_state_dir_parses(state_dir, &skip_refs);
+
+    let mut audit = std::collections::BTreeMap::new();
+    for seg in &segments {
+        let text = std::fs::read_to_string(seg).unwrap();
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let n = v["n"].as_u64().unwrap();
+            assert!(
+                audit.insert(n, line.trim_end().to_string()).is_none(),
+                "audit n {n} twice on disk"
+            );
+        }
+    }
+    let mut spool = std::collections::BTreeMap::new();
+    let spool_dir = state_dir.join("spool");
+    if spool_dir.exists() {
+        let mut s = vigil::heartbeat::spool::Spool::open(&spool_dir, 64 << 20).unwrap();
+        for (seq, body) in s.peek_oldest(usize::MAX).unwrap() {
+            assert!(
+                spool.insert(seq, body).is_none(),
+                "seq {seq} twice in the spool"
+            );
+        }
+    }
+    (audit, spool)
+}
