@@ -77,6 +77,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 struct Slots {
     /// One permit per held connection; a permit lives in the connection's [`PermitIo`].
     limit: Arc<Semaphore>,
+    /// The cap (`limit`'s size).
+    limit_max: usize,
     /// Held connections by id; each connection task removes its own entry when it ends.
     held: Mutex<HashMap<u64, Arc<Slot>>>,
     next_id: AtomicU64,
@@ -99,6 +101,7 @@ impl Slots {
     fn new(max: usize) -> Arc<Slots> {
         Arc::new(Slots {
             limit: Arc::new(Semaphore::new(max.max(1))),
+            limit_max: max.max(1),
             held: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -116,27 +119,40 @@ impl Slots {
         if let Ok(p) = self.limit.clone().try_acquire_owned() {
             return Some(p);
         }
-        self.evict_one();
+        self.evict_some();
         tokio::select! {
             _ = cancel.cancelled() => None,
             p = self.limit.clone().acquire_owned() => p.ok(),
         }
     }
 
-    /// Evicts the held connection that has gone longest without a request in progress.
-    fn evict_one(&self) {
+    /// Evicts a batch (1/16 of the cap, at least one) of the held connections that have
+    /// gone longest without a request in progress.
+    ///
+    /// A batch rather than one: each eviction makes the accept loop wait for the victim's
+    /// task to close it, and one wait per accepted connection made a burst of connections
+    /// outrun the loop, overflow the kernel's accept queue and have SYNs dropped (a 1 s
+    /// retransmit for whoever came next, a health check included).
+    fn evict_some(&self) {
         let held = match self.held.lock() {
             Ok(h) => h,
             // A panic while holding this lock left only a map of tokens behind; still usable.
             Err(poisoned) => poisoned.into_inner(),
         };
-        let victim = held
+        let mut idle: Vec<&Arc<Slot>> = held
             .values()
             .filter(|s| !s.busy.load(Ordering::Acquire) && !s.evict.is_cancelled())
-            .min_by_key(|s| s.last_active_ms.load(Ordering::Acquire));
-        if let Some(v) = victim {
-            debug!("connection cap reached: closing the longest-idle connection");
-            v.evict.cancel();
+            .collect();
+        idle.sort_by_key(|s| s.last_active_ms.load(Ordering::Acquire));
+        let batch = (self.limit_max / 16).max(1);
+        if !idle.is_empty() {
+            debug!(
+                closing = idle.len().min(batch),
+                "connection cap reached: closing the longest-idle connections"
+            );
+        }
+        for s in idle.into_iter().take(batch) {
+            s.evict.cancel();
         }
     }
 
@@ -465,30 +481,35 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn at_the_cap_the_longest_idle_connection_is_evicted_never_a_busy_one() {
-        let slots = Slots::new(3);
+    async fn at_the_cap_the_longest_idle_connections_are_evicted_never_a_busy_one() {
+        // A cap of 32: batches of 2.
+        let slots = Slots::new(32);
         let cancel = CancellationToken::new();
         let mut permits = Vec::new();
         let mut held = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..32 {
             permits.push(slots.admit(&cancel).await.unwrap());
             held.push(slots.register());
             // Distinct `last_active_ms` for a deterministic order.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        // The oldest is mid-request: the next oldest goes.
+        // The oldest is mid-request: the next two oldest go.
         let busy = slots.busy(&held[0].1);
-        slots.evict_one();
-        assert!(!held[0].1.evict.is_cancelled());
-        assert!(held[1].1.evict.is_cancelled());
-        assert!(!held[2].1.evict.is_cancelled());
-        // An evicted one is not picked twice.
-        slots.evict_one();
-        assert!(held[2].1.evict.is_cancelled());
-        // Everything left is busy: nobody is evicted, a new connection waits for a permit.
-        slots.evict_one();
-        assert!(!held[0].1.evict.is_cancelled());
+        slots.evict_some();
+        let evicted = |held: &[(u64, Arc<Slot>)]| -> Vec<usize> {
+            (0..held.len())
+                .filter(|&i| held[i].1.evict.is_cancelled())
+                .collect()
+        };
+        assert_eq!(evicted(&held), [1, 2]);
+        // Evicted ones are not picked twice.
+        slots.evict_some();
+        assert_eq!(evicted(&held), [1, 2, 3, 4]);
+        // A request that ends makes its connection the most recently active.
         drop(busy);
+        slots.evict_some();
+        assert_eq!(evicted(&held), [1, 2, 3, 4, 5, 6]);
+        // At the cap a new connection waits for a permit until an evicted one's task ends.
         assert_eq!(slots.limit.available_permits(), 0);
         let waiting = slots.admit(&cancel);
         tokio::pin!(waiting);
@@ -497,9 +518,19 @@ mod tests {
                 .await
                 .is_err()
         );
-        // The evicted connection's task ends and releases its permit: admitted.
         slots.remove(held[1].0);
         drop(permits.remove(1));
         assert!(waiting.await.is_some());
+    }
+
+    #[tokio::test]
+    async fn busy_connections_are_never_evicted() {
+        let slots = Slots::new(2);
+        let a = slots.register();
+        let b = slots.register();
+        let _x = slots.busy(&a.1);
+        let _y = slots.busy(&b.1);
+        slots.evict_some();
+        assert!(!a.1.evict.is_cancelled() && !b.1.evict.is_cancelled());
     }
 }
