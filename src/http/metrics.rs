@@ -14,7 +14,8 @@
 //! - every metric the kind itself reports, with the `check` label added.
 //!
 //! Agent: `vigil_build_info{version}` (always 1), `vigil_host_state{state}` (1 for the
-//! reported state), `vigil_config_last_reload_successful`.
+//! reported state), `vigil_config_last_reload_successful`, `vigil_state_write_failures_total`
+//! and `vigil_state_files_failing` (writes under `state_dir`, see [`crate::durable`]).
 //!
 //! Remediation: `vigil_automation_paused`, `vigil_remediation_escalated{remediation}`,
 //! `vigil_remediation_runs_total{remediation,outcome}`.
