@@ -24,7 +24,7 @@
 //! Each listener caps concurrent connections (`[api].max_connections`) and bounds how long a
 //! client may take to send its headers ([`HEADER_READ_TIMEOUT`]), so a slow or hostile client
 //! cannot pin the agent's memory or tasks. When the cap is reached, a new connection evicts
-//! the held one that has gone longest without a request in progress (see [`Slots`]): idle
+//! the held ones that have gone longest without a request in progress (see [`Slots`]): idle
 //! or slow clients can never queue a load balancer's health check behind them.
 
 pub mod metrics;
@@ -88,7 +88,9 @@ struct Slots {
 
 /// One held connection.
 struct Slot {
-    /// A request is being answered: never evicted meanwhile.
+    /// A request is being answered: never evicted meanwhile. (hyper writes the response
+    /// after the service returns; by then `last_active_ms` is fresh, so such a connection
+    /// is the last candidate for eviction, not the first.)
     busy: AtomicBool,
     /// When a request last started or ended (or the connection was accepted), in ms since
     /// [`Slots::epoch`].
@@ -112,9 +114,9 @@ impl Slots {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A permit for a connection just accepted: at once when below the cap, else after
-    /// evicting the longest-idle held connection (or, when every one is busy, once one
-    /// ends). `None` when `cancel` fires first.
+    /// A permit for a connection just accepted: at once when below the cap, else once the
+    /// longest-idle held connections evicted by [`Slots::evict_some`] have closed (or, when
+    /// every one is busy, once one ends). `None` when `cancel` fires first.
     async fn admit(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = self.limit.clone().try_acquire_owned() {
             return Some(p);

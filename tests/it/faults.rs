@@ -2,10 +2,10 @@
 //! (primary stopped, standby promoted), a SIGHUP storm, abusive HTTP clients, a full
 //! state directory, and kill -9 while state is being persisted.
 //!
-//! Every component is real: PostgreSQL 15 from [`crate::pgcluster`], the agent binary, the
-//! kernel's signals and a tmpfs. The one stand-in is the control-plane receiver of
-//! [`crate::receiver`] (the heartbeat tests' own; the reference `vigil control` is not what
-//! is under test here). Each test's doc comment says what "nothing lost" means for it.
+//! Every component is real: PostgreSQL 15 from [`crate::pgcluster`], the agent binary,
+//! real remediation scripts, the kernel's signals, sockets and a tmpfs. Nothing is faked:
+//! where heartbeats matter the control plane is simply down (a closed port), which is the
+//! fault those tests want. Each test's doc comment says what "nothing lost" means for it.
 //! Everything waits by polling with a deadline; bounds on time are bounds, not benchmarks.
 
 // Test helpers may unwrap freely (STYLE §4.4); clippy only exempts #[test] fns.
@@ -1011,6 +1011,14 @@ fn a_full_state_dir_is_reported_and_writes_resume_when_space_returns() {
     let (audit, seqs) = assert_state_dir_parses(&cfg.state_dir, &[]);
     assert!(audit.len() >= 4, "audit records of two runs: {audit:?}");
     assert!(seqs.len() as u64 > spooled_before, "spool: {seqs:?}");
+    // A fresh state_dir hands out seq 1 first: what was spooled before the disk filled is
+    // 1..=spooled_before, and all of it is still there.
+    let kept: Vec<u64> = seqs.iter().copied().take(spooled_before as usize).collect();
+    assert_eq!(
+        kept,
+        (1..=spooled_before).collect::<Vec<_>>(),
+        "spool: {seqs:?}"
+    );
     for w in seqs.windows(2) {
         assert!(w[0] < w[1], "spool seqs not increasing: {seqs:?}");
     }
