@@ -973,6 +973,16 @@ fn a_full_state_dir_is_reported_and_writes_resume_when_space_returns() {
         runs_before,
         "the script ran without its audit record"
     );
+    // Refused runs are audited too: enough of them to need a new page of the audit
+    // segment, which a full tmpfs cannot give, so one append is cut short part-way
+    // (ENOSPC after a partial write). That fragment must not survive to corrupt the log.
+    poll(WAIT, "an audit append to fail", || {
+        let (code, body) = run("refused while full");
+        assert_ne!(code, 200, "{body}");
+        health(&agent)["state_writes"]["failing"]
+            .get("audit")
+            .map(|_| ())
+    });
     // Checking and serving go on.
     keeps_sampling(&agent, &["scratch"]);
     assert_alive(&mut agent, pid);
