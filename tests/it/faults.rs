@@ -538,7 +538,10 @@ impl RssWatch {
             let stop = stop.clone();
             move || {
                 let mut peak = 0;
-                while !stop.load(Ordering::Relaxed) {
+                // The agent gone (a crash the test reports itself) ends the sampling.
+                while !stop.load(Ordering::Relaxed)
+                    && std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+                {
                     peak = peak.max(rss_kib(pid));
                     std::thread::sleep(Duration::from_millis(20));
                 }
