@@ -36,7 +36,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -50,6 +50,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -62,6 +63,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long shutdown waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often a connection waiting at the cap looks again for one to evict, when none
+/// could be (every held one busy or not yet read from).
+const EVICT_RETRY: Duration = Duration::from_millis(10);
 
 /// The connections one listener holds: at most `max` (a semaphore permit each), and for
 /// each one whether a request is in progress and when it last had one.
@@ -92,6 +96,12 @@ struct Slot {
     /// after the service returns; by then `last_active_ms` is fresh, so such a connection
     /// is the last candidate for eviction, not the first.)
     busy: AtomicBool,
+    /// The connection's task has tried to read from it at least once. Until then it is
+    /// never evicted: its request may be sitting unread in the socket while the accept loop
+    /// takes a burst of others, and evicting it would reset a client that did nothing
+    /// wrong, a health check included. Once read from, a connection with no request in
+    /// progress is idle for real (nothing came, or only part of a head).
+    read: AtomicBool,
     /// When a request last started or ended (or the connection was accepted), in ms since
     /// [`Slots::epoch`].
     last_active_ms: AtomicU64,
@@ -121,10 +131,15 @@ impl Slots {
         if let Ok(p) = self.limit.clone().try_acquire_owned() {
             return Some(p);
         }
-        self.evict_some();
-        tokio::select! {
-            _ = cancel.cancelled() => None,
-            p = self.limit.clone().acquire_owned() => p.ok(),
+        loop {
+            self.evict_some();
+            // Held connections not yet read from become candidates once their task has
+            // run: look again shortly unless a permit comes first.
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                p = self.limit.clone().acquire_owned() => return p.ok(),
+                _ = tokio::time::sleep(EVICT_RETRY) => {}
+            }
         }
     }
 
@@ -143,7 +158,11 @@ impl Slots {
         };
         let mut idle: Vec<&Arc<Slot>> = held
             .values()
-            .filter(|s| !s.busy.load(Ordering::Acquire) && !s.evict.is_cancelled())
+            .filter(|s| {
+                s.read.load(Ordering::Acquire)
+                    && !s.busy.load(Ordering::Acquire)
+                    && !s.evict.is_cancelled()
+            })
             .collect();
         idle.sort_by_key(|s| s.last_active_ms.load(Ordering::Acquire));
         let batch = (self.limit_max / 16).max(1);
@@ -162,6 +181,7 @@ impl Slots {
     fn register(&self) -> (u64, Arc<Slot>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
+            read: AtomicBool::new(false),
             busy: AtomicBool::new(false),
             last_active_ms: AtomicU64::new(self.now_ms()),
             evict: CancellationToken::new(),
@@ -249,7 +269,7 @@ async fn serve_conn<S>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(SlotIo::new(io, slot.clone())), svc);
     spawn_conn(graceful.watch(conn), slots.clone(), id, slot);
 }
 
@@ -402,7 +422,7 @@ async fn serve_forbidden<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(false)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(SlotIo::new(io, slot.clone())), svc);
     spawn_conn(graceful.watch(conn), slots.clone(), id, slot);
 }
 
@@ -425,6 +445,58 @@ pub(crate) async fn accept_error(e: std::io::Error) {
             warn!(error = %e, "accept failed; pausing");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that marks its [`Slot`] as read from at the first read attempt.
+    struct SlotIo<S> {
+        #[pin]
+        inner: S,
+        slot: Arc<Slot>,
+    }
+}
+
+impl<S> SlotIo<S> {
+    fn new(inner: S, slot: Arc<Slot>) -> Self {
+        SlotIo { inner, slot }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for SlotIo<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_read(cx, buf);
+        // After the read: a request already in the socket is taken (and the service marks
+        // the slot busy) before the slot becomes evictable.
+        this.slot.read.store(true, Ordering::Release);
+        poll
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for SlotIo<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -482,7 +554,7 @@ impl<S: AsyncWrite> AsyncWrite for PermitIo<S> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn at_the_cap_the_longest_idle_connections_are_evicted_never_a_busy_one() {
         // A cap of 32: batches of 2.
         let slots = Slots::new(32);
@@ -493,7 +565,13 @@ mod tests {
             permits.push(slots.admit(&cancel).await.unwrap());
             held.push(slots.register());
             // Distinct `last_active_ms` for a deterministic order.
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::advance(Duration::from_millis(2)).await;
+        }
+        // Nobody has been read from yet: their requests may be waiting in the socket.
+        slots.evict_some();
+        assert!(held.iter().all(|(_, s)| !s.evict.is_cancelled()));
+        for (_, s) in &held {
+            s.read.store(true, Ordering::Release);
         }
         // The oldest is mid-request: the next two oldest go.
         let busy = slots.busy(&held[0].1);
@@ -511,12 +589,20 @@ mod tests {
         drop(busy);
         slots.evict_some();
         assert_eq!(evicted(&held), [1, 2, 3, 4, 5, 6]);
+        // 0 ended a request last: it goes only with the last of the 25 older ones (batches
+        // of 2: twelve batches take 24 of them).
+        for _ in 0..12 {
+            slots.evict_some();
+        }
+        assert!(!held[0].1.evict.is_cancelled());
+        slots.evict_some();
+        assert!(held[0].1.evict.is_cancelled());
         // At the cap a new connection waits for a permit until an evicted one's task ends.
         assert_eq!(slots.limit.available_permits(), 0);
         let waiting = slots.admit(&cancel);
         tokio::pin!(waiting);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+            tokio::time::timeout(Duration::from_secs(5), &mut waiting)
                 .await
                 .is_err()
         );
@@ -525,13 +611,16 @@ mod tests {
         assert!(waiting.await.is_some());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn busy_connections_are_never_evicted() {
         let slots = Slots::new(2);
         let a = slots.register();
         let b = slots.register();
+        a.1.read.store(true, Ordering::Release);
+        b.1.read.store(true, Ordering::Release);
         let _x = slots.busy(&a.1);
         let _y = slots.busy(&b.1);
+        tokio::time::advance(Duration::from_secs(60)).await;
         slots.evict_some();
         assert!(!a.1.evict.is_cancelled() && !b.1.evict.is_cancelled());
     }
