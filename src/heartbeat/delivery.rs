@@ -673,7 +673,15 @@ impl Delivery {
                     left.push((seq, body));
                     continue;
                 }
-                match spool.append(seq, &body) {
+                let appended = spool.append(seq, &body);
+                if !matches!(
+                    appended,
+                    Err(SpoolError::TooLarge { .. } | SpoolError::SeqNotIncreasing { .. })
+                ) {
+                    // Only the outcomes that touched the disk (`/health`'s state writes).
+                    crate::durable::note("spool", &appended);
+                }
+                match appended {
                     Ok(()) => {}
                     Err(SpoolError::TooLarge { .. }) => too_large += 1,
                     Err(e @ SpoolError::SeqNotIncreasing { .. }) => {

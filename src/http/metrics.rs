@@ -14,7 +14,8 @@
 //! - every metric the kind itself reports, with the `check` label added.
 //!
 //! Agent: `vigil_build_info{version}` (always 1), `vigil_host_state{state}` (1 for the
-//! reported state), `vigil_config_last_reload_successful`.
+//! reported state), `vigil_config_last_reload_successful`, `vigil_state_write_failures_total`
+//! and `vigil_state_files_failing` (writes under `state_dir`, see [`crate::durable`]).
 //!
 //! Remediation: `vigil_automation_paused`, `vigil_remediation_escalated{remediation}`,
 //! `vigil_remediation_runs_total{remediation,outcome}`.
@@ -99,6 +100,19 @@ impl Families {
 
 /// Renders the snapshot as Prometheus text format 0.0.4.
 pub fn render(snap: &Snapshot, heartbeat: &StatusView, automation: Option<&View>) -> String {
+    let (write_failures, failing) = crate::durable::write_failures();
+    render_with(snap, heartbeat, automation, write_failures, failing.len())
+}
+
+/// [`render`] with the state-write counts given (the process-wide ones vary between unit
+/// tests, which share a process).
+fn render_with(
+    snap: &Snapshot,
+    heartbeat: &StatusView,
+    automation: Option<&View>,
+    write_failures: u64,
+    files_failing: usize,
+) -> String {
     let mut f = Families::default();
     use MetricKind::{Counter as C, Gauge as G};
 
@@ -108,6 +122,20 @@ pub fn render(snap: &Snapshot, heartbeat: &StatusView, automation: Option<&View>
         G,
         &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
+    );
+    f.add(
+        "vigil_state_write_failures_total",
+        "Failed writes under state_dir (lifecycle, cooldowns, audit, sequence, spool).",
+        MetricKind::Counter,
+        &[],
+        write_failures as f64,
+    );
+    f.add(
+        "vigil_state_files_failing",
+        "State files whose latest write failed (0 when every write succeeds).",
+        MetricKind::Gauge,
+        &[],
+        files_failing as f64,
     );
     let state = snap.state();
     for s in ALL_STATES {
@@ -389,7 +417,7 @@ mod tests {
             config_error: None,
             first_round_done: true,
         };
-        let out = render(&snap, &StatusView::default(), None);
+        let out = render_with(&snap, &StatusView::default(), None, 0, 0);
         let expected = include_str!("../../tests/fixtures/metrics.golden.txt")
             .replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(out, expected, "\n{out}");

@@ -245,7 +245,16 @@ pub fn health_json(
             "rejected": heartbeat.rejected,
         },
         "config_error": snap.config_error,
+        "state_writes": state_writes_json(),
     })
+}
+
+/// Writes under `state_dir` (lifecycle, cooldowns, audit log, sequence, spool): failures
+/// since start and the files whose latest write failed, with the error (a full or
+/// read-only state directory shows here, not only in the log).
+fn state_writes_json() -> Value {
+    let (failures, failing) = crate::durable::write_failures();
+    json!({ "failures": failures, "failing": failing })
 }
 
 /// `GET /heartbeat`: delivery in detail (`/health` carries the contract's three keys).

@@ -325,8 +325,19 @@ impl Audit {
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("audit log not open"))?;
-        f.write_all(&line)?;
-        f.sync_data()?;
+        let written = f.write_all(&line).and_then(|()| f.sync_data());
+        crate::durable::note("audit", &written);
+        if let Err(e) = written {
+            // `write_all` may have put part of the line down before failing (ENOSPC): cut
+            // it off, or the next record would be glued to the fragment and both lines
+            // lost at the next open. Shrinking needs no free space. If even that fails,
+            // close the segment: the next append rotates, and open() cuts the torn tail.
+            if f.set_len(self.file_len).is_err() {
+                self.file = None;
+                self.file_len = SEGMENT_BYTES;
+            }
+            return Err(e);
+        }
         self.file_len += line.len() as u64;
         self.next_n += 1;
         if !self.delivery {

@@ -1198,10 +1198,10 @@ fn a_receiver_that_never_answers_times_out_and_health_stays_fast() {
 }
 
 /// A small tmpfs, unmounted (lazily if busy) on drop.
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
             .args([
@@ -1229,7 +1229,7 @@ impl Drop for Tmpfs {
 }
 
 /// Writes to `path` until the file system is full; the file stays.
-fn fill(path: &Path) {
+pub(crate) fn fill(path: &Path) {
     let mut f = std::fs::File::create(path).unwrap();
     let chunk = vec![0x5a_u8; 4096];
     loop {

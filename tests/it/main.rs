@@ -18,6 +18,9 @@ mod config;
 mod control;
 /// `disk` against a real tmpfs: trip, clear, read-only remount.
 mod disk;
+/// Fault injection: hung database, failover, SIGHUP storm, abusive clients, full state
+/// dir, kill -9 while persisting.
+mod faults;
 /// HAProxy's httpchk against /replica?lag= takes a lagging standby out and back.
 mod haproxy;
 /// Heartbeat delivery by the real agent to a control-plane stand-in: signatures, spool,

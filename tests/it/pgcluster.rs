@@ -625,6 +625,26 @@ impl Cluster {
     pub fn start_standby(&self) {
         self.start_node(Node::Standby);
     }
+
+    /// Promotes the standby with `pg_ctl promote -w` (returns once it accepts writes).
+    pub fn promote_standby(&self) {
+        let data = self.server(Node::Standby).data.clone();
+        self.run(
+            self.pg_cmd("pg_ctl")
+                .args(["-w", "-t", &PG_WAIT.as_secs().to_string(), "-s", "-D"])
+                .arg(&data)
+                .arg("promote"),
+            "pg_ctl promote",
+        );
+    }
+
+    /// The postmaster's pid of a running node (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self, which: Node) -> i32 {
+        let path = self.server(which).data.join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        text.lines().next().unwrap().trim().parse().unwrap()
+    }
 }
 
 impl Drop for Cluster {

@@ -32,7 +32,7 @@ const INTERVAL: &str = "300ms";
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Every postgres kind, with the names [`all_kinds`] gives them.
-const ALL_KINDS: [(&str, &str); 7] = [
+pub(crate) const ALL_KINDS: [(&str, &str); 7] = [
     ("up", "pg-up"),
     ("replication", "pg-replication"),
     ("slots", "pg-slots"),
@@ -44,7 +44,7 @@ const ALL_KINDS: [(&str, &str); 7] = [
 
 /// `[check.postgres.KIND.NAME]` on `dsn` with `extra` keys; `interval` is [`INTERVAL`]
 /// unless `extra` sets one.
-fn pg_check(kind: &str, name: &str, dsn: &str, extra: &str) -> String {
+pub(crate) fn pg_check(kind: &str, name: &str, dsn: &str, extra: &str) -> String {
     let interval = if extra.contains("interval =") {
         String::new()
     } else {
@@ -55,6 +55,14 @@ fn pg_check(kind: &str, name: &str, dsn: &str, extra: &str) -> String {
 
 /// Every postgres kind on `dsn`, with thresholds a healthy, quiet test server is far from.
 fn all_kinds(dsn: &str) -> String {
+    all_kinds_with(dsn, "")
+}
+
+/// [`all_kinds`] with `common` (e.g. `interval` and `timeout` lines) added to every check.
+pub(crate) fn all_kinds_with(dsn: &str, common: &str) -> String {
+    let pg_check = |kind: &str, name: &str, dsn: &str, extra: &str| {
+        pg_check(kind, name, dsn, &format!("{common}{extra}"))
+    };
     [
         pg_check("up", "pg-up", dsn, ""),
         pg_check(

@@ -17,7 +17,7 @@ use crate::util::{Agent, TestConfig, is_root, poll, run, tempdir, unix_http, vig
 const NOBODY: u32 = 65534;
 
 /// `dir/remediations.d` (0755) with each `(file, body)` as a 0755 script.
-fn scripts(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+pub(crate) fn scripts(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
     let rd = dir.join("remediations.d");
     std::fs::create_dir_all(&rd).unwrap();
     std::fs::set_permissions(&rd, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -30,7 +30,7 @@ fn scripts(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
 }
 
 /// `vigil approve FILE`'s line.
-fn approve(p: &Path) -> String {
+pub(crate) fn approve(p: &Path) -> String {
     let out = run(&["approve", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let line = String::from_utf8(out.stdout).unwrap();
@@ -39,7 +39,7 @@ fn approve(p: &Path) -> String {
 }
 
 /// A `[remediation.NAME]` table for `rd/file`, pinned as it is now, plus `extra` keys.
-fn remediation(rd: &Path, name: &str, file: &str, extra: &str) -> String {
+pub(crate) fn remediation(rd: &Path, name: &str, file: &str, extra: &str) -> String {
     let p = rd.join(file);
     format!(
         "[remediation.{name}]\nscript = {:?}\n{}\n{extra}\n",
@@ -48,7 +48,7 @@ fn remediation(rd: &Path, name: &str, file: &str, extra: &str) -> String {
     )
 }
 
-fn automation(rd: &Path, extra: &str) -> String {
+pub(crate) fn automation(rd: &Path, extra: &str) -> String {
     format!(
         "[automation]\ndir = {:?}\n{extra}\n",
         rd.display().to_string()
