@@ -25,6 +25,9 @@ mod haproxy;
 mod heartbeat;
 /// backup.pgbackrest against real pgBackRest backups of a real PostgreSQL.
 mod pgbackrest;
+/// Agent and control plane in two network namespaces: loss, latency, a partition, and a
+/// receiver that never answers.
+mod network;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
 mod pgcluster;
 /// command (real monitoring plugins, check_postgres, misbehaving plugins),
