@@ -883,16 +883,28 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
         );
     }
 
+    // The faults gone, the backlog drains and the host is available again.
+    net.fault(Fault::None);
+    wait_drained(&plane, &agent, host, Duration::from_secs(60));
+
     // A two-minute partition.
     net.partition();
     let cut = Instant::now();
     let produced_at_cut = agent.produced();
+    let stored_at_cut = plane.stored_seq(host);
     let mut samples = std::collections::BTreeSet::new();
     let mut uncertain_at = None;
     while cut.elapsed() < Duration::from_secs(120) {
         agent.assert_health_fast("partition");
         samples.insert(agent.sampled_at());
-        let state = plane.host(host)["state"].clone();
+        let h = plane.host(host);
+        let state = h["state"].clone();
+        // At most the one heartbeat in flight at the cut gets through.
+        let stored = h["seq"].as_u64().unwrap_or(0);
+        assert!(
+            stored <= stored_at_cut + 1,
+            "seq {stored} stored through the partition (cut at {stored_at_cut})"
+        );
         match uncertain_at {
             None if state == "uncertain" => uncertain_at = Some(cut.elapsed()),
             None => assert!(
