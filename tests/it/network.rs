@@ -126,13 +126,11 @@ impl Shaper {
                 let event = tun_rs::InterruptEvent::new().unwrap();
                 let mut buf = vec![0u8; 65536];
                 while !stop_r.load(Ordering::Relaxed) {
-                    let n = match from.recv_intr_timeout(
-                        &mut buf,
-                        &event,
-                        Some(Duration::from_millis(100)),
-                    ) {
-                        Ok(n) => n,
-                        Err(_) => continue,
+                    // Nothing within 100 ms (or an error): look at `stop` again.
+                    let Ok(n) =
+                        from.recv_intr_timeout(&mut buf, &event, Some(Duration::from_millis(100)))
+                    else {
+                        continue;
                     };
                     let now = Instant::now();
                     let due = match mode_r.load(Ordering::Relaxed) {
@@ -239,7 +237,9 @@ impl Net {
     /// Whether `tc qdisc … netem` works here (then loss and latency are the kernel's).
     fn netem_works(&self) -> bool {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.a, "tc", "qdisc", "add", "dev", &self.va])
+            .args([
+                "netns", "exec", &self.a, "tc", "qdisc", "add", "dev", &self.va,
+            ])
             .args(["root", "netem", "delay", "100ms"])
             .output()
             .expect("ip netns exec tc");
@@ -271,7 +271,9 @@ impl Net {
     fn tc_del(&self) {
         for (ns, dev) in [(&self.a, &self.va), (&self.c, &self.vb)] {
             let _ = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"])
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root",
+                ])
                 .output();
         }
     }
@@ -303,8 +305,17 @@ impl Net {
     fn route_veth(&self) {
         let ctl = CONTROL_IP.to_string();
         ip(&[
-            "-n", &self.a, "route", "replace", &format!("{ctl}/32"), "via", VETH_C, "dev",
-            &self.va, "src", AGENT_IP,
+            "-n",
+            &self.a,
+            "route",
+            "replace",
+            &format!("{ctl}/32"),
+            "via",
+            VETH_C,
+            "dev",
+            &self.va,
+            "src",
+            AGENT_IP,
         ]);
         ip(&[
             "-n",
@@ -324,7 +335,14 @@ impl Net {
     fn route_tun(&self) {
         let ctl = CONTROL_IP.to_string();
         ip(&[
-            "-n", &self.a, "route", "replace", &format!("{ctl}/32"), "dev", &self.ta, "src",
+            "-n",
+            &self.a,
+            "route",
+            "replace",
+            &format!("{ctl}/32"),
+            "dev",
+            &self.ta,
+            "src",
             AGENT_IP,
         ]);
         ip(&[
@@ -520,7 +538,9 @@ impl Plane {
     /// `vigil control enroll` (from outside the namespaces: it only writes the store).
     fn enroll(&self, host: &str, public: &str) {
         let out = util::vigil()
-            .args(["control", "enroll", "--host", host, "--pubkey", public, "-c"])
+            .args([
+                "control", "enroll", "--host", host, "--pubkey", public, "-c",
+            ])
             .arg(&self.config)
             .env_remove("VIGIL_CONTROL_CONFIG")
             .output()
@@ -618,7 +638,8 @@ fn https_get(ca: CertificateDer<'static>, path: &str) -> Result<(u16, Value), St
     let name = ServerName::IpAddress(IpAddr::V4(CONTROL_IP).into());
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(IpAddr::V4(CONTROL_IP), CONTROL_PORT);
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -642,7 +663,10 @@ fn https_get(ca: CertificateDer<'static>, path: &str) -> Result<(u16, Value), St
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad answer {head:?}"))?;
     // Chunked bodies: the JSON is the one line between the chunk sizes.
-    let json = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let json = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body.lines().nth(1).unwrap_or("")
     } else {
         body
@@ -842,7 +866,7 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
     let plane = Plane::new(&net.c);
     let dir = util::tempdir();
     let cfg = agent_config(&plane, dir.path(), host, "20s");
-    let _control = plane.start();
+    let mut control = plane.start();
     let agent = AgentIn::start(&net.a, cfg);
     let diag = || format!("agent:\n{}", agent.proc.logs());
 
@@ -853,7 +877,10 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
 
     // Loss, then latency: heartbeats still get through (TCP retransmits), the API and
     // the checks are unaffected.
-    for (fault, name) in [(Fault::Loss30, "30 % loss"), (Fault::Delay2s, "2 s latency")] {
+    for (fault, name) in [
+        (Fault::Loss30, "30 % loss"),
+        (Fault::Delay2s, "2 s latency"),
+    ] {
         let shaped_before = net.shaped();
         net.fault(fault);
         let stored_before = plane.stored_seq(host);
@@ -912,7 +939,10 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
                 "still {state} {:?} into the partition",
                 cut.elapsed()
             ),
-            Some(_) => assert_eq!(state, "uncertain", "the host came back during the partition"),
+            Some(_) => assert_eq!(
+                state, "uncertain",
+                "the host came back during the partition"
+            ),
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -943,7 +973,6 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
     wait_drained(&plane, &agent, host, Duration::from_secs(90));
     eprintln!("network: drained {:?} after the heal", healed.elapsed());
     let produced = agent.produced();
-    let mut control = _control;
     assert_eq!(control.stop(), Some(0), "{}", control.logs());
     assert_every_seq_stored_in_order(&plane, host, produced);
     eprintln!("network: faults test took {:?}", started.elapsed());
