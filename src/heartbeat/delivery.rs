@@ -320,6 +320,10 @@ struct Delivery {
     /// last audit record it carries. Once that heartbeat is safe (delivered, or durable in
     /// the spool), the audit log may stop offering those records.
     carried_audit: BTreeMap<u64, u64>,
+    /// When the next heartbeat is due by the timer.
+    next_due: Instant,
+    /// Whether the first heartbeat has been made.
+    first_done: bool,
 }
 
 impl Delivery {
@@ -351,31 +355,32 @@ impl Delivery {
             setup_tried: None,
             remediation: None,
             carried_audit: BTreeMap::new(),
+            next_due: Instant::now(),
+            first_done: false,
         }
     }
 
     async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let mut changes = self.shared.subscribe();
         let interval = self.config.interval.get();
-        let mut next_due = Instant::now() + interval;
-        let mut first_done = false;
+        self.next_due = Instant::now() + interval;
         self.setup().await;
         loop {
             if *stop.borrow() != Stop::Run {
                 break;
             }
             let snap = self.shared.load();
-            let due = Instant::now() >= next_due
-                || (!first_done && snap.first_round_done)
-                || (first_done && self.last_key.is_some_and(|k| k != state_key(&snap)));
+            let due = Instant::now() >= self.next_due
+                || (!self.first_done && snap.first_round_done)
+                || (self.first_done && self.last_key.is_some_and(|k| k != state_key(&snap)));
             if due {
-                next_due = Instant::now() + interval;
+                self.next_due = Instant::now() + interval;
                 if self.setup().await && self.produce(&snap).await {
-                    first_done = true;
+                    self.first_done = true;
                 }
             }
             if self.retry_at.is_none_or(|t| Instant::now() >= t) {
-                self.deliver(None, &stop, next_due).await;
+                self.deliver(None, &stop, self.next_due).await;
             } else {
                 // Backing off: what was just made must be durable before waiting.
                 self.spool_memory().await;
@@ -383,8 +388,8 @@ impl Delivery {
             self.publish_spool_stats();
 
             let wake = match self.retry_at {
-                Some(t) if self.has_work() => t.min(next_due),
-                _ => next_due,
+                Some(t) if self.has_work() => t.min(self.next_due),
+                _ => self.next_due,
             };
             tokio::select! {
                 r = stop.changed() => {
@@ -912,10 +917,28 @@ impl Delivery {
                     })
                 })
             }
-            None => tokio::select! {
-                r = send => r,
-                _ = stop.wait_for(|s| *s != Stop::Run) => return Verdict::Interrupted,
-            },
+            None => {
+                let stopping = async move {
+                    // The guard `wait_for` returns is not `Send`: drop it at once.
+                    let _ = stop.wait_for(|s| *s != Stop::Run).await.is_ok();
+                };
+                tokio::pin!(send, stopping);
+                loop {
+                    let due = self.next_due;
+                    tokio::select! {
+                        r = &mut send => break r,
+                        () = &mut stopping => return Verdict::Interrupted,
+                        // A send that hangs until its timeout (a silent receiver, a
+                        // partition) must not stop heartbeats being made every interval:
+                        // they wait in memory behind the one in flight, in `seq` order.
+                        _ = tokio::time::sleep_until(due), if self.first_done => {
+                            self.next_due = Instant::now() + self.config.interval.get();
+                            let snap = self.shared.load();
+                            self.produce(&snap).await;
+                        }
+                    }
+                }
+            }
         };
         match result {
             Ok(resp) => self.answer(seq, resp).await,

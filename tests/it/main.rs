@@ -26,6 +26,9 @@ mod haproxy;
 /// Heartbeat delivery by the real agent to a control-plane stand-in: signatures, spool,
 /// drain order, 409/401/4xx answers, crashes, SIGTERM, bad keys, TLS and a full disk.
 mod heartbeat;
+/// Agent and control plane in two network namespaces: loss, latency, a partition, and a
+/// receiver that never answers.
+mod network;
 /// backup.pgbackrest against real pgBackRest backups of a real PostgreSQL.
 mod pgbackrest;
 /// A real PostgreSQL 15 primary and streaming standby for the postgres tests.
