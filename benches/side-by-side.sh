@@ -32,6 +32,7 @@
 #        prometheus-postgres-exporter monit wrk curl python3 must be there):
 #   benches/side-by-side.sh
 #   IDLE_SECS=30 WARM_SECS=20 LAT_SECS=5 RESULTS=/tmp/sbs.txt benches/side-by-side.sh
+#   SOAK_SECS=3600 benches/side-by-side.sh     the soak instead (see "the soak" below)
 # Everything else lives in a temp dir, removed at the end with every process started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -270,6 +271,84 @@ pm_pids() { head -1 "$work/primary/postmaster.pid"; head -1 "$work/standby/postm
 # Cluster CPU: both postmasters, their live children, and (cutime/cstime) every backend,
 # archiver run and walsender already reaped.
 cluster_cpu() { h cpu $(pm_pids); }
+
+# ------------------------------------------------------------------------ the soak ----
+# SOAK_SECS=3600: instead of the comparison, run vigil alone for that long with the full
+# check set at a 1 s interval and heartbeats every second to a release `vigil control`
+# (file store) on loopback. RSS, open fds and threads of both are recorded every minute;
+# at the end every seq the agent made must be stored (the control plane's seq equals the
+# agent's, nothing spooled, dropped or rejected).
+if [ -n "${SOAK_SECS:-}" ]; then
+    cport=$(free_port)
+    vport=$(free_port)
+    pdsn="host=$work/run-primary port=$pport user=postgres dbname=postgres"
+    sdsn="host=$work/run-standby port=$sport user=postgres dbname=postgres"
+    pgdir 700 "$work/vigil-state" "$work/control-state"
+    printf '%s\n' '[control]' "listen = \"127.0.0.1:$cport\"" \
+        "state_dir = \"$work/control-state\"" 'overdue_after = "10s"' '' \
+        '[log]' 'level = "warn"' > "$work/control.toml"
+    {
+        printf '%s\n' '[agent]' 'host_id = "soak-host"' "state_dir = \"$work/vigil-state\"" \
+            'interval = "1s"' '' '[api]' "listen = \"127.0.0.1:$vport\"" \
+            "admin_socket = \"$work/vigil-admin.sock\"" '' '[log]' 'level = "warn"' '' \
+            '[heartbeat]' "url = \"http://127.0.0.1:$cport/v1/heartbeats\"" 'interval = "1s"' '' \
+            '[check.disk.root]' 'path = "/"' '' \
+            '[check.system.host]' 'warn = 50.0' 'crit = 100.0' '' \
+            '[check.process.postgres]' "pidfile = \"$work/primary/postmaster.pid\"" '' \
+            '[check.kernel.kernel]' '' \
+            '[check.backup.pgbackrest.pgbackrest]' 'stanza = "main"' "config = \"$pgbr_conf\"" ''
+        for k in up replication slots archiving connections wraparound long_transactions; do
+            printf '%s\n' "[check.postgres.$k.pg-${k//_/-}]" "dsn = \"$pdsn\"" ''
+        done
+        printf '%s\n' '[check.postgres.replication.pg-standby-replication]' "dsn = \"$sdsn\""
+    } > "$work/vigil.toml"
+    chown postgres: "$work/vigil.toml" "$work/control.toml"
+    pub=$(as_pg "$bin" keygen --out "$work/vigil-state/heartbeat.key" | sed -n 's/^public_key = "\(.*\)"/\1/p')
+    as_pg "$bin" control enroll -c "$work/control.toml" --host soak-host --pubkey "$pub" >/dev/null
+    as_pg "$bin" control -c "$work/control.toml" 2> "$work/control.log" &
+    echo $! >> "$work/pids"
+    as_pg "$bin" agent -c "$work/vigil.toml" 2> "$work/vigil.log" &
+    echo $! >> "$work/pids"
+    for _ in $(seq 50); do
+        vpid=$(pgrep -u postgres -f "agent -c $work/vigil.toml" | head -1 || true)
+        cpid=$(pgrep -u postgres -f "control -c $work/control.toml" | head -1 || true)
+        [ -n "$vpid" ] && [ -n "$cpid" ] && break
+        sleep 0.1
+    done
+    echo "$vpid $cpid" >> "$work/pids"
+    echo "soak: agent $vpid, control plane $cpid, for ${SOAK_SECS}s"
+    t0=$(date +%s)
+    sample() { # label
+        raw "soak.$1 t=$(($(date +%s) - t0))s" \
+            "agent_rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$vpid/status")" \
+            "agent_fds=$(ls "/proc/$vpid/fd" | wc -l) agent_threads=$(ls "/proc/$vpid/task" | wc -l)" \
+            "control_rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$cpid/status")" \
+            "control_fds=$(ls "/proc/$cpid/fd" | wc -l)"
+        tail -1 "$RESULTS"
+    }
+    sleep 60
+    sample start
+    while [ $(($(date +%s) - t0)) -lt "$SOAK_SECS" ]; do
+        sleep 60
+        sample minute
+    done
+    sample end
+    # Stop the agent (SIGTERM sends a last heartbeat), then compare what it made with
+    # what the control plane stored.
+    hb=$(curl -s "127.0.0.1:$vport/heartbeat")
+    kill "$vpid"
+    for _ in $(seq 100); do [ -d "/proc/$vpid" ] || break; sleep 0.1; done
+    host=$(curl -s "127.0.0.1:$cport/v1/hosts/soak-host")
+    accepted=$(curl -s "127.0.0.1:$cport/metrics" | awk '/^vigil_control_heartbeats_accepted_total/ {print $2}')
+    # Every seq stored once: the stored seq equals the count accepted (seqs start at 1).
+    raw "soak.result seq_before_stop=$(jq .seq <<< "$hb")" \
+        "stored_seq=$(jq .seq <<< "$host") accepted_total=$accepted" \
+        "spooled=$(jq .spooled <<< "$hb") dropped=$(jq -c .dropped <<< "$hb")" \
+        "rejected=$(jq .rejected <<< "$hb") failures=$(jq -c .failures <<< "$hb")"
+    tail -1 "$RESULTS"
+    echo "results: $RESULTS"
+    exit 0
+fi
 
 # -------------------------------------------------------------------- the peers ----
 record() { raw "$1=$2"; }   # one raw number: peer.measure[.process]=value
