@@ -314,7 +314,7 @@ fn agent_with_its_port_taken_exits_69_with_one_clear_line() {
 }
 
 #[test]
-fn agent_with_an_unusable_state_dir_exits_nonzero_with_one_line() {
+fn agent_with_a_state_dir_through_a_file_exits_78_with_one_line() {
     let dir = tempdir();
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, "").unwrap();
@@ -332,12 +332,13 @@ fn agent_with_an_unusable_state_dir_exits_nonzero_with_one_line() {
         .env_remove("NOTIFY_SOCKET")
         .output()
         .unwrap();
-    let c = code(&out);
-    assert!(c != 0 && c != 78, "a host problem, not a config error: {c}");
+    // A directory that cannot exist where the config puts it: a config error (78), so
+    // systemd's RestartPreventExitStatus=78 stops a restart loop.
+    assert_eq!(code(&out), 78, "{out:?}");
     let line = assert_one_error_line(&out);
     assert!(
-        line.contains(path_str(&state)),
-        "names the directory: {line}"
+        line.contains(path_str(&state)) && line.contains("[agent].state_dir"),
+        "names the directory and the key: {line}"
     );
 }
 
