@@ -850,8 +850,19 @@ fn assert_state_dir_parses(state_dir: &std::path::Path, skip: &[&str]) -> (Vec<u
     }
     let spool_dir = state_dir.join("spool");
     let seqs = if spool_dir.exists() {
-        let mut spool = vigil::heartbeat::spool::Spool::open(&spool_dir, 64 << 20)
-            .unwrap_or_else(|e| panic!("spool: {e}"));
+        // A child the killed agent was starting (fork done, exec not yet) still holds
+        // the agent's descriptors, the spool lock among them, until it execs (every fd is
+        // close-on-exec): wait for that, briefly, instead of failing on it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut spool = loop {
+            match vigil::heartbeat::spool::Spool::open(&spool_dir, 64 << 20) {
+                Ok(s) => break s,
+                Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("spool: {e}"),
+            }
+        };
         let all = spool
             .peek_oldest(usize::MAX)
             .unwrap_or_else(|e| panic!("spool: {e}"));
