@@ -23,7 +23,7 @@ cargo build --release --quiet --bin vigil --example control_fleet
 bin=$PWD/target/release/vigil
 fleet=$PWD/target/release/examples/control_fleet
 pgbin=/usr/lib/postgresql/15/bin
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"   # 1,000 connections and more
 work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
