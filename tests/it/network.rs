@@ -815,8 +815,10 @@ fn wait<T>(
 }
 
 /// After the agent produced up to seq `produced`: waits until the control plane stored
-/// that far and the spool is empty, then the host `available`.
-fn wait_drained(plane: &Plane, agent: &AgentIn, host: &str, limit: Duration) {
+/// that far and the spool is empty, then the host `available`. Returns `produced`: every
+/// seq up to it is stored. (The agent keeps producing meanwhile; a seq produced later may
+/// still be on its way when the control plane is stopped, so only this one is certain.)
+fn wait_drained(plane: &Plane, agent: &AgentIn, host: &str, limit: Duration) -> u64 {
     let diag = || format!("agent:\n{}\ncontrol:\n", agent.proc.logs());
     let produced = agent.produced();
     wait(limit, "every heartbeat delivered", diag, || {
@@ -825,6 +827,7 @@ fn wait_drained(plane: &Plane, agent: &AgentIn, host: &str, limit: Duration) {
     wait(Duration::from_secs(10), "the host available", diag, || {
         (plane.host(host)["state"] == "available").then_some(())
     });
+    produced
 }
 
 /// The store holds every seq from 1 to at least `produced`, once each, appended in order.
@@ -970,9 +973,8 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
     // Heal: everything drains in order and the host is back.
     net.heal();
     let healed = Instant::now();
-    wait_drained(&plane, &agent, host, Duration::from_secs(90));
+    let produced = wait_drained(&plane, &agent, host, Duration::from_secs(90));
     eprintln!("network: drained {:?} after the heal", healed.elapsed());
-    let produced = agent.produced();
     assert_eq!(control.stop(), Some(0), "{}", control.logs());
     assert_every_seq_stored_in_order(&plane, host, produced);
     eprintln!("network: faults test took {:?}", started.elapsed());
@@ -1038,8 +1040,7 @@ fn a_receiver_that_accepts_and_never_answers_only_delays_delivery() {
     wait(Duration::from_secs(40), "the host available", diag, || {
         (plane.host(host)["state"] == "available").then_some(())
     });
-    wait_drained(&plane, &agent, host, Duration::from_secs(40));
-    let produced = agent.produced();
+    let produced = wait_drained(&plane, &agent, host, Duration::from_secs(40));
     assert_eq!(control.stop(), Some(0), "{}", control.logs());
     assert_every_seq_stored_in_order(&plane, host, produced);
 }
