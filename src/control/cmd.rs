@@ -78,13 +78,16 @@ fn cli_store(
         })
 }
 
-/// The runtime, then the store on it.
+/// The config, the runtime, then the store on it: what every subcommand but the
+/// receiver starts with.
 fn cli_setup(
-    cfg: &ControlFile,
+    flag: Option<&Path>,
     heartbeats: bool,
-) -> Result<(AnyStore, tokio::runtime::Runtime), u8> {
+) -> Result<(ControlFile, AnyStore, tokio::runtime::Runtime), u8> {
+    let cfg = load(flag)?;
     let rt = runtime()?;
-    Ok((cli_store(cfg, heartbeats, &rt)?, rt))
+    let store = cli_store(&cfg, heartbeats, &rt)?;
+    Ok((cfg, store, rt))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
@@ -110,11 +113,7 @@ pub fn enroll(flag: Option<&Path>, host: &str, pubkey: &str) -> u8 {
             return exit::USAGE;
         }
     };
-    let cfg = match load(flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let (store, rt) = match cli_setup(&cfg, false) {
+    let (_, store, rt) = match cli_setup(flag, false) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -162,11 +161,7 @@ pub fn enroll_from(flag: Option<&Path>, from: &Path) -> u8 {
             return exit::USAGE;
         }
     };
-    let cfg = match load(flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let (store, rt) = match cli_setup(&cfg, false) {
+    let (_, store, rt) = match cli_setup(flag, false) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -210,11 +205,7 @@ pub fn parse_enrolments(bytes: &[u8]) -> Result<Vec<(String, PublicKey)>, (usize
 
 /// `vigil control revoke --host ID [--key-id KID]`.
 pub fn revoke(flag: Option<&Path>, host: &str, key_id: Option<&str>) -> u8 {
-    let cfg = match load(flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let (store, rt) = match cli_setup(&cfg, false) {
+    let (_, store, rt) = match cli_setup(flag, false) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -243,11 +234,7 @@ pub fn revoke(flag: Option<&Path>, host: &str, key_id: Option<&str>) -> u8 {
 /// `vigil control hosts [--json]`: read from the store itself, so it works whether or not
 /// a receiver runs.
 pub fn hosts(flag: Option<&Path>, json: bool) -> u8 {
-    let cfg = match load(flag) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let (store, rt) = match cli_setup(&cfg, true) {
+    let (cfg, store, rt) = match cli_setup(flag, true) {
         Ok(x) => x,
         Err(code) => return code,
     };
