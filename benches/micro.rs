@@ -20,20 +20,21 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 use indexmap::IndexMap;
+use vigil::checks::CheckContext;
 use vigil::checks::perfdata::parse_plugin_output;
-use vigil::checks::{CheckContext, Status, Unit};
 use vigil::heartbeat::document::{Heartbeat, HostIdentity};
 use vigil::heartbeat::keys::HeartbeatKey;
 use vigil::heartbeat::sign::{self, Received};
 use vigil::heartbeat::spool::Spool;
-use vigil::lifecycle::{Lifecycle, LifecycleRecord};
-use vigil::state::{CheckView, Hysteresis, Snapshot};
+
+#[path = "../examples/common/snapshot.rs"]
+mod common_snapshot;
+use common_snapshot::snapshot;
 
 const URL: &str = "https://control.internal:8443/v1/heartbeats";
 
@@ -113,46 +114,6 @@ fn checks(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-fn snapshot(n: usize) -> Snapshot {
-    let kinds = [
-        "disk",
-        "process",
-        "system",
-        "postgres.replication",
-        "backup.pgbackrest",
-    ];
-    let checks = (0..n)
-        .map(|i| {
-            let mut v = CheckView::pending(
-                &format!("check-{i:02}"),
-                kinds[i % kinds.len()],
-                Unit::Ratio,
-                Duration::from_secs(10),
-                Duration::from_secs(3),
-                false,
-                Hysteresis::new(3, 3),
-            );
-            v.hysteresis.observe(Status::Ok);
-            v.status = Status::Ok;
-            v.value = Some(0.4321 + i as f64);
-            v.message = format!("{}% used of /var/lib/postgresql/15/main", 43 + i);
-            v.sampled_at = Some(SystemTime::now());
-            Arc::new(v)
-        })
-        .collect();
-    Snapshot {
-        checks,
-        lifecycle: LifecycleRecord {
-            v: 1,
-            state: Lifecycle::Available,
-            reason: String::new(),
-            changed_at: String::new(),
-        },
-        config_error: None,
-        first_round_done: true,
-    }
 }
 
 fn identity() -> HostIdentity {
