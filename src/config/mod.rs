@@ -451,7 +451,7 @@ impl Config {
                 "must not be empty (use \"auto\" for /etc/machine-id)".into(),
             );
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        if let Err(e) = crate::telemetry::parse_filter(&self.log.level) {
             add(
                 &["log", "level"],
                 format!("invalid log filter {:?}: {e}", self.log.level),

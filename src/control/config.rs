@@ -311,7 +311,7 @@ impl ControlFile {
         if c.state_dir.as_os_str().is_empty() {
             add(&["control", "state_dir"], "must not be empty");
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        if let Err(e) = crate::telemetry::parse_filter(&self.log.level) {
             add(
                 &["log", "level"],
                 &format!("invalid log filter {:?}: {e}", self.log.level),
