@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -353,7 +352,9 @@ async fn run(cfg: ControlFile) -> u8 {
             }
         },
     };
-    let listener = match TcpListener::bind(c.listen).await {
+    // A deep accept backlog: a burst of connections (a fleet reconnecting at once, a
+    // flood of idle clients) waits there while the server evicts idle ones.
+    let listener = match crate::http::slots::listen_tcp(c.listen) {
         Ok(l) => l,
         Err(e) => {
             fail(format!("listening on {}: {e}", c.listen));

@@ -1,11 +1,12 @@
 //! The control plane's endpoints, independent of the transport (tested in-process).
 //!
-//! - `POST /v1/heartbeats`: body ≤ 1 MiB (413), read within [`BODY_TIMEOUT`] (408); the
-//!   body's `v`, `host_id`, `seq` and `state` (400); the host's enrolled keys (401
-//!   `unknown_host`); the `keyid` of the signature among them (401 `unknown_key`); the
-//!   digest, the signature and `created` within `max_clock_skew` either way (401 with the
-//!   reason); `seq` above the last accepted (409 with `last_seq`); stored durably, then
-//!   200 `{"seq": N}`. A store error is 503: the agent keeps the heartbeat and retries.
+//! - `POST /v1/heartbeats`: body ≤ 1 MiB (413; at once when `Content-Length` says more),
+//!   read within [`BODY_TIMEOUT`] (408); the body's `v`, `host_id`, `seq` and `state`
+//!   (400); the host's enrolled keys (401 `unknown_host`); the `keyid` of the signature
+//!   among them (401 `unknown_key`); the digest, the signature and `created` within
+//!   `max_clock_skew` either way (401 with the reason); `seq` above the last accepted (409
+//!   with `last_seq`); stored durably, then 200 `{"seq": N}`. A store error is 503: the
+//!   agent keeps the heartbeat and retries.
 //! - `GET /v1/hosts[?state=&kernel=GLOB&image=GLOB&check_status=&limit=&after=]`,
 //!   `GET /v1/hosts/ID` (404 if not enrolled): the hosts with their derived state.
 //! - `GET /metrics`, `GET /health` (200 while serving, for a load balancer).
@@ -229,6 +230,17 @@ where
         debug!(reason, error = msg, "heartbeat refused");
         error(status, msg, reason, json!({}))
     };
+    // A body declared (Content-Length) over the limit is refused before a byte of it is
+    // read. Reading would only end at the limit, or at BODY_TIMEOUT for a client that
+    // never sends it, holding a connection slot that counts as busy (never evicted) all
+    // that time.
+    if usize::try_from(body.size_hint().lower()).map_or(true, |n| n > MAX_BODY) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "heartbeat body over 1 MiB",
+        );
+    }
     let bytes =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
             Ok(Ok(b)) => b.to_bytes(),

@@ -1,11 +1,19 @@
 //! The receiver: hyper 1.x HTTP/1.1 over rustls (or plain HTTP on loopback), plus the
 //! background tasks that keep derived state and history in shape.
 //!
-//! - Connections are capped (`max_connections`): a permit is taken before `accept`, so
-//!   past the cap new clients wait in the kernel's backlog instead of costing memory.
+//! - Connections are capped (`max_connections`) by the agent's machinery
+//!   ([`crate::http::slots`]): at the cap, a new connection closes the held ones that have
+//!   gone longest without a request in progress, so idle clients (a flood of TCP
+//!   connections that never send a byte or never start TLS, a slowloris, keep-alive
+//!   connections gone quiet) cannot keep a real heartbeat waiting in the kernel's backlog.
+//!   The slot is taken at `accept`, before the TLS handshake, and covers it: a connection
+//!   stuck in its handshake is idle, and evictable, like one stuck in its headers.
 //! - A TLS handshake must finish within [`HANDSHAKE_TIMEOUT`], request headers within
 //!   [`HEADER_READ_TIMEOUT`], a body within [`super::routes::BODY_TIMEOUT`]: a slow or
-//!   silent client holds one permit for a bounded time, never the receiver.
+//!   silent client holds one slot for a bounded time, never the receiver. (A client that
+//!   sends its body slowly is mid-request, so never evicted: at most `max_connections` of
+//!   them are held, each for at most `BODY_TIMEOUT`, with at most [`super::routes::MAX_BODY`]
+//!   buffered.)
 //! - With `client_ca`, rustls requires a client certificate signed by it before any
 //!   HTTP is spoken (the signature still decides which host a heartbeat is from).
 //! - Shutdown ([`run`]'s token, cancelled on SIGTERM by `main`): the listener closes,
@@ -31,7 +39,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -42,6 +50,8 @@ use super::routes::{self, App};
 use super::store::{Store, epoch_ms};
 use super::verifier::Verifier;
 use super::webhook::{self, Change};
+use crate::http::accept_error;
+use crate::http::slots::{Slot, SlotIo, Slots, spawn_conn};
 use crate::lifecycle::HostState;
 
 /// How long a client may take to finish the TLS handshake.
@@ -210,12 +220,10 @@ pub async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(max_conns.max(1)));
+    let slots = Slots::new(max_conns);
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
+        // Accept first, then make room: a connection left in the kernel's queue could not
+        // evict anyone (see `crate::http::slots`).
         let (stream, peer): (_, SocketAddr) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -223,23 +231,32 @@ pub async fn serve<S: Store>(
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
+        let Some(held) = slots.admit(&shutdown).await else {
+            break;
+        };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let tls = tls.clone();
+        // Under TLS too: the handshake reads through it, so a connection that never
+        // finishes (or never starts) one is idle and evictable.
+        let io = SlotIo::new(stream, held);
+        let slot = io.slot();
+        let (app, tls, slots) = (app.clone(), tls.clone(), slots.clone());
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => serve_conn(app, stream, watcher).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_conn(app, s, watcher).await,
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+        spawn_conn(
+            async move {
+                let slot = io.slot();
+                match tls {
+                    None => serve_conn(app, io, watcher, slots, slot).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                            Ok(Ok(s)) => serve_conn(app, s, watcher, slots, slot).await,
+                            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        }
                     }
                 }
-            }
-        });
+            },
+            slot,
+        );
     }
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
@@ -250,14 +267,24 @@ pub async fn serve<S: Store>(
     }
 }
 
-async fn serve_conn<S, IO>(app: Arc<App<S>>, io: IO, watcher: hyper_util::server::graceful::Watcher)
-where
+/// Serves HTTP/1.1 on one connection; each request marks `slot` busy while it runs, so
+/// a heartbeat being verified and stored is never evicted.
+async fn serve_conn<S, IO>(
+    app: Arc<App<S>>,
+    io: IO,
+    watcher: hyper_util::server::graceful::Watcher,
+    slots: Arc<Slots>,
+    slot: Arc<Slot>,
+) where
     S: Store,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = service_fn(move |req: Request<Body>| {
-        let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(routes::handle(&app, req).await) }
+        let (app, slots, slot) = (app.clone(), slots.clone(), slot.clone());
+        async move {
+            let _busy = slots.busy(&slot);
+            Ok::<_, std::convert::Infallible>(routes::handle(&app, req).await)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -265,19 +292,6 @@ where
         .serve_connection(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// Accept errors: a peer that went away is routine; running out of descriptors is
-/// logged and retried after a pause instead of spinning.
-async fn accept_error(e: std::io::Error) {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock => {}
-        _ => {
-            warn!(error = %e, "accept failed; pausing");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 

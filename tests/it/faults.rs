@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -23,7 +22,10 @@ use serde_json::Value;
 
 use crate::pgcluster::{Cluster, ClusterOptions, Node};
 use crate::postgres::{ALL_KINDS, all_kinds_with};
-use crate::util::{Agent, TestConfig, poll, tempdir, try_http, write_config};
+use crate::util::{
+    Agent, HealthProbe, RssWatch, TestConfig, poll, raise_nofile, read_until_closed, rss_kib,
+    status_code, tempdir, try_http, write_config,
+};
 
 /// Deadline for anything that takes a few samples or a reconnect.
 const WAIT: Duration = Duration::from_secs(30);
@@ -95,62 +97,6 @@ fn assert_alive(agent: &mut Agent, pid: u32) {
         "the agent exited: {}",
         agent.logs()
     );
-}
-
-/// `GET /health` in a loop (every 50 ms) on its own thread, timing each answer.
-struct HealthProbe {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(usize, Duration, Vec<String>)>>,
-}
-
-impl HealthProbe {
-    fn start(addr: SocketAddr) -> HealthProbe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || {
-                let (mut n, mut worst, mut errors) = (0, Duration::ZERO, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    match try_http(addr, "GET", "/health", None) {
-                        Ok((200 | 503, _)) => {}
-                        Ok((code, body)) => errors.push(format!("{code}: {body}")),
-                        Err(e) => errors.push(e.to_string()),
-                    }
-                    worst = worst.max(t.elapsed());
-                    n += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                (n, worst, errors)
-            }
-        });
-        HealthProbe {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops the probe; asserts every answer came, was 200 or 503, and within `bound`.
-    fn finish(mut self, bound: Duration, what: &str) {
-        self.stop.store(true, Ordering::Relaxed);
-        let (n, worst, errors) = self.thread.take().unwrap().join().unwrap();
-        eprintln!("{what}: {n} /health requests, slowest {worst:?}");
-        assert!(errors.is_empty(), "{what}: /health failed: {errors:?}");
-        assert!(n >= 5, "{what}: only {n} /health requests");
-        assert!(
-            worst < bound,
-            "{what}: a /health took {worst:?} (bound {bound:?})"
-        );
-    }
-}
-
-impl Drop for HealthProbe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A postmaster and all its children stopped with SIGSTOP; SIGCONT again on drop (also
@@ -517,87 +463,6 @@ fn keeps_sampling(agent: &Agent, names: &[&str]) {
 
 /// Idle connections the flood opens.
 const FLOOD: usize = 2000;
-
-/// The agent's resident set size in KiB (`VmRSS` of /proc/PID/status).
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = text.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Samples the agent's RSS every 20 ms on its own thread; `finish` gives the peak.
-struct RssWatch {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<u64>>,
-}
-
-impl RssWatch {
-    fn start(pid: u32) -> RssWatch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || {
-                let mut peak = 0;
-                // The agent gone (a crash the test reports itself) ends the sampling.
-                while !stop.load(Ordering::Relaxed)
-                    && std::path::Path::new(&format!("/proc/{pid}/status")).exists()
-                {
-                    peak = peak.max(rss_kib(pid));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                peak
-            }
-        });
-        RssWatch {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-/// Raises this process's soft RLIMIT_NOFILE to the hard limit (the flood needs more than
-/// the usual 1024 descriptors); asserts there is room for `need`.
-fn raise_nofile(need: u64) {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    }
-    assert!(hard >= need, "RLIMIT_NOFILE hard limit {hard} < {need}");
-}
-
-/// Reads from `s` until EOF, an error or `limit`; returns what came and how long it took.
-fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
-    use std::io::Read;
-    let t = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    while t.elapsed() < limit {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    (got, t.elapsed())
-}
-
-fn status_code(response: &[u8]) -> Option<u16> {
-    let text = String::from_utf8_lossy(response);
-    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
-}
 
 /// Thousands of idle connections, a slowloris, 1 MiB of headers and a 16 MiB body against
 /// the agent's listeners: `/health` keeps answering within [`HEALTH_BOUND`], the agent's

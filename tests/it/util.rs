@@ -250,3 +250,146 @@ pub fn assert_promtool_accepts(text: &str) {
         out.status
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Abusive clients (the agent's API in `faults`, the control plane in `control::faults`).
+
+/// A process's resident set size in KiB (`VmRSS` of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Samples a process's RSS every 20 ms on its own thread; `finish` gives the peak.
+pub struct RssWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssWatch {
+    pub fn start(pid: u32) -> RssWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut peak = 0;
+                // The process gone (a crash the test reports itself) ends the sampling.
+                while !stop.load(Ordering::Relaxed)
+                    && Path::new(&format!("/proc/{pid}/status")).exists()
+                {
+                    peak = peak.max(rss_kib(pid));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak
+            }
+        });
+        RssWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit (a flood needs more than
+/// the usual 1024 descriptors); asserts there is room for `need`.
+pub fn raise_nofile(need: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    assert!(hard >= need, "RLIMIT_NOFILE hard limit {hard} < {need}");
+}
+
+/// Reads from `s` until EOF, an error or `limit`; returns what came and how long it took.
+pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    use std::io::Read;
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while t.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    (got, t.elapsed())
+}
+
+/// The status code of a raw HTTP/1.1 response; `None` when there is none.
+pub fn status_code(response: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(response);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// `GET /health` (the agent's or the control plane's) in a loop (every 50 ms) on its own
+/// thread, timing each answer.
+pub struct HealthProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Duration, Vec<String>)>>,
+}
+
+impl HealthProbe {
+    pub fn start(addr: SocketAddr) -> HealthProbe {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let (mut n, mut worst, mut errors) = (0, Duration::ZERO, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match try_http(addr, "GET", "/health", None) {
+                        Ok((200 | 503, _)) => {}
+                        Ok((code, body)) => errors.push(format!("{code}: {body}")),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    worst = worst.max(t.elapsed());
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (n, worst, errors)
+            }
+        });
+        HealthProbe {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the probe; asserts every answer came, was 200 or 503, and within `bound`.
+    pub fn finish(mut self, bound: Duration, what: &str) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (n, worst, errors) = self.thread.take().unwrap().join().unwrap();
+        eprintln!("{what}: {n} /health requests, slowest {worst:?}");
+        assert!(errors.is_empty(), "{what}: /health failed: {errors:?}");
+        assert!(n >= 5, "{what}: only {n} /health requests");
+        assert!(
+            worst < bound,
+            "{what}: a /health took {worst:?} (bound {bound:?})"
+        );
+    }
+}
+
+impl Drop for HealthProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
