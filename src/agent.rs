@@ -118,6 +118,13 @@ fn open_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, AgentError> {
         .mode(0o700)
         .create(dir)
         .map_err(err)?;
+    // A crash between a state file's temp write and its rename leaves the temp behind.
+    for d in [dir.to_path_buf(), dir.join("audit")] {
+        let n = crate::durable::remove_stale_temps(&d);
+        if n > 0 {
+            tracing::info!(dir = %d.display(), files = n, "removed temp files left by a crash");
+        }
+    }
     let probe = dir.join(".write-probe");
     crate::durable::write_atomic(&probe, b"").map_err(err)?;
     std::fs::remove_file(&probe).map_err(err)?;

@@ -87,9 +87,75 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Removes the temp files [`write_atomic`] leaves behind in `dir` when a process dies
+/// between creating one and renaming it (`.NAME.tmp.PID`), for every PID that is no
+/// longer running (a live one may be mid-write). Returns how many were removed; a file
+/// that cannot be removed stays and is not an error, since it only costs a few bytes.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = stale_temp_pid(&name.to_string_lossy()) else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !Path::new("/proc").join(pid.to_string()).exists()
+            && fs::remove_file(e.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The PID in a [`write_atomic`] temp file's name, `.NAME.tmp.PID`.
+fn stale_temp_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (base, pid) = rest.rsplit_once(".tmp.")?;
+    if base.is_empty() || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_of_dead_writers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // PID 0 is never a process; the running test's own PID is alive.
+        fs::write(d.join(".lifecycle.json.tmp.0"), b"torn").unwrap();
+        let live = format!(".seq.tmp.{}", std::process::id());
+        fs::write(d.join(&live), b"mid-write").unwrap();
+        for keep in [
+            "lifecycle.json",
+            ".tmp.0",
+            ".x.tmp.",
+            ".x.tmp.12a",
+            "x.tmp.0",
+        ] {
+            fs::write(d.join(keep), b"keep").unwrap();
+        }
+        assert_eq!(remove_stale_temps(d), 1);
+        assert!(!d.join(".lifecycle.json.tmp.0").exists());
+        for keep in [
+            live.as_str(),
+            "lifecycle.json",
+            ".tmp.0",
+            ".x.tmp.",
+            ".x.tmp.12a",
+            "x.tmp.0",
+        ] {
+            assert!(d.join(keep).exists(), "{keep} was removed");
+        }
+        assert_eq!(remove_stale_temps(&d.join("missing")), 0);
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

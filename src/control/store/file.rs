@@ -221,6 +221,7 @@ impl FileStore {
                 dir.display()
             ))
         })?;
+        remove_crash_leftovers(dir);
         let journal = Journal::open(dir)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -1140,6 +1141,28 @@ fn read_snapshot(dir: &Path, generation: u64, latest: &mut Latest) -> Result<(),
     }
 }
 
+/// Removes what a receiver killed mid-write leaves behind: a snapshot's temp file (only
+/// the lock holder writes snapshots, and the caller holds the lock) and
+/// [`crate::durable::write_atomic`]'s temps (`notified.json`). Neither is ever read.
+fn remove_crash_leftovers(dir: &Path) {
+    let mut removed = crate::durable::remove_stale_temps(dir);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".snapshot-")
+                && name.ends_with(".tmp")
+                && fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        info!(dir = %dir.display(), files = removed, "removed temp files left by a crash");
+    }
+}
+
 fn write_snapshot(dir: &Path, generation: u64, latest: &Latest) -> Result<(), StoreError> {
     let path = snapshot_path(dir, generation);
     let tmp = dir.join(format!(".snapshot-{generation:020}.tmp"));
@@ -1289,6 +1312,19 @@ mod tests {
         assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
         assert_eq!(accepted.get(&50), Some(&1));
         assert_eq!(last_seq(&s, "h").await, Some(50));
+    }
+
+    #[tokio::test]
+    async fn temp_files_of_a_receiver_killed_mid_write_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join(".snapshot-00000000000000000003.tmp");
+        let notified = dir.path().join(".notified.json.tmp.0");
+        fs::write(&snap, b"torn").unwrap();
+        fs::write(&notified, b"torn").unwrap();
+        let s = FileStore::open(dir.path(), Options::default()).unwrap();
+        assert!(!snap.exists() && !notified.exists());
+        s.accept(hb("h", 1)).await.unwrap();
+        assert_eq!(last_seq(&s, "h").await, Some(1));
     }
 
     #[tokio::test]
