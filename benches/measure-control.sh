@@ -20,16 +20,16 @@ STORES=${STORES:-file pg}
 cargo build --release --quiet --bin vigil --example control_load
 bin=$PWD/target/release/vigil
 load=$PWD/target/release/examples/control_load
-pgbin=/usr/lib/postgresql/15/bin
+# shellcheck source=benches/pg-server.sh
+. benches/pg-server.sh
 work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
     kill $(cat "$work"/*.pid 2>/dev/null) 2>/dev/null || true
-    [ -d "$work/pg/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
+    pg_stop "$work/pg/data"
     rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 pg_ticks() { # every process of the cluster (postmaster and its children)
@@ -43,20 +43,9 @@ pg_ticks() { # every process of the cluster (postmaster and its children)
 
 start_pg() {
     pgport=$(free_port)
-    mkdir -p "$work/pg"
-    chown postgres "$work/pg"
-    runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U vigil >/dev/null
-    cat >> "$work/pg/data/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $pgport
-unix_socket_directories = '$work/pg'
-shared_buffers = 512MB
-wal_buffers = 64MB
-max_wal_size = 8GB
-checkpoint_timeout = 30min
-EOF
-    runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null
-    runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U vigil vigil
+    pg_server "$work/pg" "$pgport" vigil 'shared_buffers = 512MB' 'wal_buffers = 64MB' \
+        'max_wal_size = 8GB' 'checkpoint_timeout = 30min'
+    as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U vigil vigil
 }
 
 run() { # kind store

@@ -22,17 +22,17 @@ SETUPS=${SETUPS:-file pg pg2}
 cargo build --release --quiet --bin vigil --example control_fleet
 bin=$PWD/target/release/vigil
 fleet=$PWD/target/release/examples/control_fleet
-pgbin=/usr/lib/postgresql/15/bin
+# shellcheck source=benches/pg-server.sh
+. benches/pg-server.sh
 ulimit -n "$(ulimit -Hn)"   # 1,000 connections and more
 work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
     kill $(cat "$work"/*.pid 2>/dev/null) 2>/dev/null || true
-    [ -d "$work/pg/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
+    pg_stop "$work/pg/data"
     rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 hz=$(getconf CLK_TCK)
 pg_ticks() { # the cluster: postmaster, its live children, and the children it reaped
@@ -49,19 +49,8 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 start_pg() {
     [ -n "${pgport:-}" ] && return
     pgport=$(free_port)
-    mkdir -p "$work/pg"
-    chown postgres "$work/pg"
-    runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U vigil >/dev/null
-    cat >> "$work/pg/data/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $pgport
-unix_socket_directories = '$work/pg'
-shared_buffers = 1GB
-wal_buffers = 64MB
-max_wal_size = 16GB
-checkpoint_timeout = 30min
-EOF
-    runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null
+    pg_server "$work/pg" "$pgport" vigil 'shared_buffers = 1GB' 'wal_buffers = 64MB' \
+        'max_wal_size = 16GB' 'checkpoint_timeout = 30min'
 }
 
 echo "N=$N SECS=$SECS CONNS=$CONNS on $(nproc) CPUs"
@@ -72,7 +61,7 @@ for setup in $SETUPS; do
         file) store=file ;;
         pg | pg2)
             start_pg
-            runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U vigil "$setup"
+            as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U vigil "$setup"
             store="postgresql://vigil@127.0.0.1:$pgport/$setup"
             [ "$setup" = pg2 ] && receivers=2
             ;;
@@ -124,7 +113,7 @@ EOF
         "RSS $((rss / 1024)) MiB for $N hosts ($((rss * 100000 / N / 1024)) MiB per 100,000 hosts)"
     if [ "$store" != file ]; then
         echo "  PostgreSQL: CPU $(( (p1 - p0) * 1000000 / hz / (n > 0 ? n : 1) )) us/heartbeat," \
-            "database $(runuser -u postgres -- "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U vigil -d "$setup" -Atc "SELECT pg_size_pretty(pg_database_size('$setup'))")"
+            "database $(as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U vigil -d "$setup" -Atc "SELECT pg_size_pretty(pg_database_size('$setup'))")"
     else
         echo "  file store on disk: $(du -sh "$work/file-1/state" | cut -f1)"
     fi

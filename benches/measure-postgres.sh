@@ -9,25 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-60}
-PG=/usr/lib/postgresql/15/bin
 cargo build --release --quiet
+# shellcheck source=benches/pg-server.sh
+. benches/pg-server.sh
 work=$(mktemp -d /tmp/vigil-measure-XXXXXX)
 chmod 755 "$work"
-mkdir "$work/data" "$work/run" && chown postgres: "$work/data" "$work/run"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-apiport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-as_pg() { runuser -u postgres -- "$@"; }
+port=$(free_port)
+apiport=$(free_port)
 cleanup() {
   kill "$(cat "$work/agent.pid" 2>/dev/null)" 2>/dev/null || true
-  as_pg "$PG/pg_ctl" -D "$work/data" stop -m immediate >/dev/null 2>&1 || true
+  pg_stop "$work/pg/data"
   rm -rf "$work"
 }
 trap cleanup EXIT
-as_pg "$PG/initdb" -D "$work/data" -U postgres -A trust -N >/dev/null
-as_pg "$PG/pg_ctl" -D "$work/data" -l "$work/run/pg.log" -w \
-  -o "-p $port -k $work/run -c listen_addresses=127.0.0.1 -c archive_mode=on -c archive_command=/bin/true" \
-  start >/dev/null
-as_pg "$PG/psql" -X -q -h "$work/run" -p "$port" -U postgres -c \
+pg_server "$work/pg" "$port" postgres 'archive_mode = on' "archive_command = '/bin/true'"
+as_pg "$pgbin/psql" -X -q -h "$work/pg" -p "$port" -U postgres -c \
   "CREATE ROLE vigil LOGIN; GRANT pg_monitor TO vigil;"
 dsn="host=127.0.0.1 port=$port user=vigil dbname=postgres"
 {
@@ -61,7 +57,7 @@ while True:
     time.sleep(0.2)
 time.sleep(3)  # let every check run a few rounds on its session
 pids = subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/psql", "-X", "-A", "-t",
-                       "-h", f"{work}/run", "-p", port, "-U", "postgres", "-c",
+                       "-h", f"{work}/pg", "-p", port, "-U", "postgres", "-c",
                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'vigil'"],
                       capture_output=True, text=True, check=True).stdout.split()
 def cpu(pid):

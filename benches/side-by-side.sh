@@ -52,7 +52,8 @@ want() { [[ " $PHASES " == *" $1 "* ]]; }
 WARM_SECS=${WARM_SECS:-20}
 LAT_SECS=${LAT_SECS:-5}
 RESULTS=${RESULTS:-/tmp/vigil-side-by-side-$(date -u +%Y%m%dT%H%M%SZ).txt}
-pgbin=/usr/lib/postgresql/15/bin
+# shellcheck source=benches/pg-server.sh
+. benches/pg-server.sh
 node_exporter=/usr/bin/prometheus-node-exporter
 pg_exporter=/usr/bin/prometheus-postgres-exporter
 monit_bin=/usr/bin/monit
@@ -92,16 +93,13 @@ cleanup() {
     for p in $(cat "$work/pids" 2>/dev/null); do kill "$p" 2>/dev/null; done
     sleep 0.5
     for p in $(cat "$work/pids" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-    for d in standby primary; do
-        [ -f "$work/$d/postmaster.pid" ] &&
-            runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/$d" -m immediate -w stop >/dev/null 2>&1
-    done
+    for d in standby primary; do pg_stop "$work/$d"; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# Every daemon here runs with a clean environment, pg-server.sh's functions included.
 as_pg() { runuser -u postgres -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$work" LC_ALL=C "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pgdir() { install -d -m "$1" -o postgres -g postgres "${@:2}"; }
 raw() { echo "$*" >> "$RESULTS"; }
 : > "$RESULTS"
@@ -241,18 +239,16 @@ chown postgres: "$pgbr_conf"
 chmod 644 "$pgbr_conf"
 
 echo "starting PostgreSQL 15 primary (port $pport) and standby (port $sport) in $work"
-as_pg "$pgbin/initdb" -N -U postgres -A trust -E UTF8 --locale=C --no-instructions -D "$work/primary" >/dev/null
+pg_init "$work/primary" postgres -E UTF8 --locale=C --no-instructions
 cat > "$work/primary/pg_hba.conf" <<EOF
 local all all trust
 host all all 127.0.0.1/32 trust
 local replication all trust
 host replication all 127.0.0.1/32 trust
 EOF
+pg_listen "$work/primary" "$pport" "$work/run-primary"
 cat >> "$work/primary/postgresql.conf" <<EOF
 # side-by-side bench
-listen_addresses = '127.0.0.1'
-port = $pport
-unix_socket_directories = '$work/run-primary'
 wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
@@ -264,17 +260,16 @@ archive_command = 'pgbackrest --config=$pgbr_conf --stanza=main archive-push %p'
 wal_receiver_status_interval = 1s
 cluster_name = 'sbs_primary'
 EOF
-as_pg "$pgbin/pg_ctl" -w -s -D "$work/primary" -l "$work/primary.log" start
+pg_start "$work/primary" "$work/primary.log"
 as_pg pgbackrest --config="$pgbr_conf" --stanza=main stanza-create
 as_pg pgbackrest --config="$pgbr_conf" --stanza=main backup --type=full
 as_pg "$pgbin/pg_basebackup" -h 127.0.0.1 -p "$pport" -U postgres -R -X stream -c fast \
     -N -C -S sbs_standby -D "$work/standby"
+pg_listen "$work/standby" "$sport" "$work/run-standby"
 cat >> "$work/standby/postgresql.conf" <<EOF
-port = $sport
-unix_socket_directories = '$work/run-standby'
 cluster_name = 'sbs_standby'
 EOF
-as_pg "$pgbin/pg_ctl" -w -s -D "$work/standby" -l "$work/standby.log" start
+pg_start "$work/standby" "$work/standby.log"
 psql_p() { as_pg "$pgbin/psql" -X -A -t -q -h "$work/run-$1" -p "$2" -U postgres -d postgres -c "$3"; }
 for _ in $(seq 300); do
     [ "$(psql_p standby "$sport" "select status from pg_stat_wal_receiver" 2>/dev/null)" = streaming ] && break

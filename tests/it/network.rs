@@ -38,7 +38,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 
-use crate::util::{self, TestConfig, is_root, try_http};
+use crate::util::{self, TestConfig, try_http};
 
 /// The control plane's address (on its namespace's loopback) and port.
 const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -75,6 +75,18 @@ fn ip(args: &[&str]) {
     if let Err(e) = ip_try(args) {
         panic!("ip {}: {e}", args.join(" "));
     }
+}
+
+/// In namespace `ns`, the route to `to`/32: out of `dev` (through `via`, if given), from
+/// `src`.
+fn route(ns: &str, to: &str, via: Option<&str>, dev: &str, src: &str) {
+    let to = format!("{to}/32");
+    let mut args = vec!["-n", ns, "route", "replace", to.as_str()];
+    if let Some(via) = via {
+        args.extend(["via", via]);
+    }
+    args.extend(["dev", dev, "src", src]);
+    ip(&args);
 }
 
 /// Runs `f` on a thread whose network namespace is `ns` (setns(2) is per thread).
@@ -304,58 +316,14 @@ impl Net {
 
     fn route_veth(&self) {
         let ctl = CONTROL_IP.to_string();
-        ip(&[
-            "-n",
-            &self.a,
-            "route",
-            "replace",
-            &format!("{ctl}/32"),
-            "via",
-            VETH_C,
-            "dev",
-            &self.va,
-            "src",
-            AGENT_IP,
-        ]);
-        ip(&[
-            "-n",
-            &self.c,
-            "route",
-            "replace",
-            &format!("{AGENT_IP}/32"),
-            "via",
-            VETH_A,
-            "dev",
-            &self.vb,
-            "src",
-            &ctl,
-        ]);
+        route(&self.a, &ctl, Some(VETH_C), &self.va, AGENT_IP);
+        route(&self.c, AGENT_IP, Some(VETH_A), &self.vb, &ctl);
     }
 
     fn route_tun(&self) {
         let ctl = CONTROL_IP.to_string();
-        ip(&[
-            "-n",
-            &self.a,
-            "route",
-            "replace",
-            &format!("{ctl}/32"),
-            "dev",
-            &self.ta,
-            "src",
-            AGENT_IP,
-        ]);
-        ip(&[
-            "-n",
-            &self.c,
-            "route",
-            "replace",
-            &format!("{AGENT_IP}/32"),
-            "dev",
-            &self.tc,
-            "src",
-            &ctl,
-        ]);
+        route(&self.a, &ctl, None, &self.ta, AGENT_IP);
+        route(&self.c, AGENT_IP, None, &self.tc, &ctl);
     }
 
     /// Puts `f` on the path between the agent and the control plane.
@@ -686,38 +654,15 @@ struct AgentIn {
 /// the control plane over TLS (its CA), `max_backoff = "2s"` and `timeout`; its key made
 /// by `vigil keygen` and enrolled at `plane`.
 fn agent_config(plane: &Plane, dir: &Path, host: &str, timeout: &str) -> TestConfig {
-    let key = dir.join("heartbeat.key");
-    let out = util::run(&["keygen", "--out", key.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let public = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("public_key = \"")?.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("no public_key line in {stdout:?}"));
-    plane.enroll(host, public);
-    let cfg = util::write_config(
+    plane.enroll(host, &util::keygen(dir));
+    util::write_heartbeat_config(
         dir,
-        &format!(
-            "[check.disk.scratch]\npath = {dir:?}\nwarn = \"99%\"\ncrit = \"100%\"\n\
-             interval = \"1s\"\n\n[heartbeat]\nurl = \"https://{CONTROL_IP}:{CONTROL_PORT}/v1/heartbeats\"\n\
-             ca_file = {ca:?}\nkey_file = {key:?}\ninterval = \"1s\"\n\
-             max_backoff = \"2s\"\ntimeout = {timeout:?}\n",
-            dir = dir.display().to_string(),
-            ca = plane.dir.path().join("ca.pem").display().to_string(),
-            key = key.display().to_string(),
-        ),
-    );
-    let text = std::fs::read_to_string(&cfg.path).unwrap().replacen(
-        "[agent]\n",
-        &format!("[agent]\nhost_id = {host:?}\n"),
-        1,
-    );
-    std::fs::write(&cfg.path, text).unwrap();
-    cfg
+        host,
+        "1s",
+        &format!("https://{CONTROL_IP}:{CONTROL_PORT}/v1/heartbeats"),
+        &plane.dir.path().join("ca.pem"),
+        &format!("interval = \"1s\"\nmax_backoff = \"2s\"\ntimeout = {timeout:?}"),
+    )
 }
 
 impl AgentIn {
@@ -772,6 +717,15 @@ impl AgentIn {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// [`Self::assert_health_fast`] once `every` so often, `during` that long.
+    fn assert_health_fast_for(&self, phase: &str, during: Duration, every: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < during {
+            self.assert_health_fast(phase);
+            std::thread::sleep(every);
+        }
+    }
+
     /// The last seq the agent produced.
     fn produced(&self) -> u64 {
         self.json("/heartbeat")["seq"].as_u64().unwrap_or(0)
@@ -824,35 +778,30 @@ fn wait_drained(plane: &Plane, agent: &AgentIn, host: &str, limit: Duration) -> 
     wait(limit, "every heartbeat delivered", diag, || {
         (plane.stored_seq(host) >= produced && agent.spooled() == 0).then_some(())
     });
-    wait(Duration::from_secs(10), "the host available", diag, || {
-        (plane.host(host)["state"] == "available").then_some(())
-    });
+    wait_available(plane, host, Duration::from_secs(10), diag);
     produced
 }
 
-/// The store holds every seq from 1 to at least `produced`, once each, appended in order.
-fn assert_every_seq_stored_in_order(plane: &Plane, host: &str, produced: u64) {
-    let rows = plane.stored(host);
-    let seqs: Vec<u64> = rows.iter().map(|r| r.0).collect();
-    let last = seqs.last().copied().unwrap_or(0);
-    assert!(last >= produced, "stored up to {last}, produced {produced}");
-    assert_eq!(
-        seqs,
-        (1..=last).collect::<Vec<_>>(),
-        "every seq from 1, once, no gap, in order"
-    );
-    assert!(
-        rows.windows(2).all(|w| w[0].1 <= w[1].1),
-        "received in the order produced"
-    );
+/// Waits until the control plane shows `host` available.
+fn wait_available(plane: &Plane, host: &str, limit: Duration, diag: impl Fn() -> String) {
+    wait(limit, "the host available", diag, || {
+        (plane.host(host)["state"] == "available").then_some(())
+    });
 }
 
-fn skip_unless_root(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("skipping {test}: network namespaces need root");
-        return true;
-    }
-    false
+/// The namespaces (see [`Net::new`]), a control plane in `net.c`, and in the temp dir the
+/// config of agent `host` enrolled there with heartbeat `timeout` (see [`agent_config`]).
+fn set_up(
+    tag: &str,
+    faults: bool,
+    host: &str,
+    timeout: &str,
+) -> (Net, Plane, tempfile::TempDir, TestConfig) {
+    let net = Net::new(tag, faults);
+    let plane = Plane::new(&net.c);
+    let dir = util::tempdir();
+    let cfg = agent_config(&plane, dir.path(), host, timeout);
+    (net, plane, dir, cfg)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -860,23 +809,18 @@ fn skip_unless_root(test: &str) -> bool {
 
 #[test]
 fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_meanwhile() {
-    if skip_unless_root("network::loss_latency_and_a_partition") {
+    if util::skip_unless_root("network namespaces") {
         return;
     }
     let started = Instant::now();
     let host = "net-agent-1";
-    let net = Net::new("f", true);
-    let plane = Plane::new(&net.c);
-    let dir = util::tempdir();
-    let cfg = agent_config(&plane, dir.path(), host, "20s");
+    let (net, plane, _dir, cfg) = set_up("f", true, host, "20s");
     let mut control = plane.start();
     let agent = AgentIn::start(&net.a, cfg);
     let diag = || format!("agent:\n{}", agent.proc.logs());
 
     // Healthy.
-    wait(Duration::from_secs(30), "the host available", diag, || {
-        (plane.host(host)["state"] == "available").then_some(())
-    });
+    wait_available(&plane, host, Duration::from_secs(30), diag);
 
     // Loss, then latency: heartbeats still get through (TCP retransmits), the API and
     // the checks are unaffected.
@@ -888,11 +832,7 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
         net.fault(fault);
         let stored_before = plane.stored_seq(host);
         let sampled_before = agent.sampled_at();
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            agent.assert_health_fast(name);
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        agent.assert_health_fast_for(name, Duration::from_secs(20), Duration::from_millis(500));
         wait(
             Duration::from_secs(30),
             &format!("a heartbeat stored under {name}"),
@@ -976,20 +916,17 @@ fn loss_latency_and_a_partition_lose_no_heartbeat_and_the_host_is_uncertain_mean
     let produced = wait_drained(&plane, &agent, host, Duration::from_secs(90));
     eprintln!("network: drained {:?} after the heal", healed.elapsed());
     assert_eq!(control.stop(), Some(0), "{}", control.logs());
-    assert_every_seq_stored_in_order(&plane, host, produced);
+    util::assert_every_seq_once_in_order(&plane.stored(host), produced);
     eprintln!("network: faults test took {:?}", started.elapsed());
 }
 
 #[test]
 fn a_receiver_that_accepts_and_never_answers_only_delays_delivery() {
-    if skip_unless_root("network::a_receiver_that_accepts_and_never_answers") {
+    if util::skip_unless_root("network namespaces") {
         return;
     }
     let host = "net-agent-2";
-    let net = Net::new("s", false);
-    let plane = Plane::new(&net.c);
-    let dir = util::tempdir();
-    let cfg = agent_config(&plane, dir.path(), host, "3s");
+    let (net, plane, _dir, cfg) = set_up("s", false, host, "3s");
 
     // The silent receiver: accepts on the control plane's address and holds every socket.
     let stop = Arc::new(AtomicBool::new(false));
@@ -1017,11 +954,11 @@ fn a_receiver_that_accepts_and_never_answers_only_delays_delivery() {
 
     let agent = AgentIn::start(&net.a, cfg);
     let diag = || format!("agent:\n{}", agent.proc.logs());
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(15) {
-        agent.assert_health_fast("silent receiver");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    agent.assert_health_fast_for(
+        "silent receiver",
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+    );
     let spooled = agent.spooled();
     let conns = accepted.load(Ordering::Relaxed);
     assert!(spooled >= 8, "spooled {spooled} after 15 s");
@@ -1037,10 +974,8 @@ fn a_receiver_that_accepts_and_never_answers_only_delays_delivery() {
     stop.store(true, Ordering::Relaxed);
     silent.join().unwrap();
     let mut control = plane.start();
-    wait(Duration::from_secs(40), "the host available", diag, || {
-        (plane.host(host)["state"] == "available").then_some(())
-    });
+    wait_available(&plane, host, Duration::from_secs(40), diag);
     let produced = wait_drained(&plane, &agent, host, Duration::from_secs(40));
     assert_eq!(control.stop(), Some(0), "{}", control.logs());
-    assert_every_seq_stored_in_order(&plane, host, produced);
+    util::assert_every_seq_once_in_order(&plane.stored(host), produced);
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{free_port, is_root, poll, tempdir, try_http, unix_http, vigil};
+use crate::util::{free_port, poll, skip_unless_root, tempdir, try_http, unix_http, vigil};
 
 /// The client: sends argv[2] plus a newline to the socket argv[1], prints the answer.
 const CLIENT: &str = r#"
@@ -30,6 +30,9 @@ sys.stdout.write(out.decode())
 "#;
 
 const NOBODY: u32 = 65534;
+
+/// Why these tests are root only.
+const WHY_ROOT: &str = "the runner owns its config and switches users";
 
 /// A running `vigil runner`, killed on drop.
 struct RunnerProc {
@@ -111,8 +114,11 @@ fn sha256(p: &Path) -> String {
         .to_string()
 }
 
-/// Writes the scripts and the config into `dir` (made traversable for the clients).
-fn setup(dir: &Path) -> PathBuf {
+/// A temp dir (traversable for the clients) with the scripts and the config, and the
+/// config's path.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempdir();
+    let dir = tmp.path();
     chmod(dir, 0o755);
     let scripts = dir.join("remediations.d");
     std::fs::create_dir(&scripts).unwrap();
@@ -168,19 +174,32 @@ run_as = "postgres"
     );
     std::fs::write(&cfg, text).unwrap();
     chmod(&cfg, 0o644);
-    cfg
+    (tmp, cfg)
+}
+
+/// `vigil runner` on `cfg`, listening on `dir/runner.sock` for `agent_user`.
+fn runner(dir: &Path, cfg: &Path, agent_user: &str) -> Command {
+    let mut c = vigil();
+    c.arg("runner")
+        .arg("-c")
+        .arg(cfg)
+        .arg("--socket")
+        .arg(dir.join("runner.sock"))
+        .args(["--agent-user", agent_user]);
+    c
+}
+
+/// `vigil` as the agent's user (nobody), in `/`.
+fn vigil_as_nobody() -> Command {
+    let mut c = vigil();
+    c.current_dir("/").uid(NOBODY).gid(uid_gid(NOBODY));
+    c
 }
 
 fn start(dir: &Path, cfg: &Path) -> RunnerProc {
     let socket = dir.join("runner.sock");
     let log = dir.join("runner.log");
-    let child = vigil()
-        .arg("runner")
-        .arg("-c")
-        .arg(cfg)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--agent-user", "nobody"])
+    let child = runner(dir, cfg, "nobody")
         .env_remove("NOTIFY_SOCKET")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -212,12 +231,10 @@ fn error_of(answer: &Value) -> String {
 
 #[test]
 fn the_runner_runs_approved_programs_as_their_users_for_the_agent_only() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
-    let dir = tempdir();
-    let cfg = setup(dir.path());
+    let (dir, cfg) = setup();
     let r = start(dir.path(), &cfg);
     let postgres = uid_of("postgres");
 
@@ -316,49 +333,30 @@ fn the_runner_runs_approved_programs_as_their_users_for_the_agent_only() {
 
 #[test]
 fn the_runner_refuses_a_config_others_can_write() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
-    let dir = tempdir();
-    let cfg = setup(dir.path());
-    let start = |what: &str| {
-        let out = vigil()
-            .arg("runner")
-            .arg("-c")
-            .arg(&cfg)
-            .arg("--socket")
-            .arg(dir.path().join("runner.sock"))
-            .args(["--agent-user", "nobody"])
-            .output()
-            .unwrap();
+    let (dir, cfg) = setup();
+    // What a start that must fail (78, a config error) says.
+    let refused = |what: &str, agent_user: &str| {
+        let out = runner(dir.path(), &cfg, agent_user).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(78), "{what}: {stderr}");
         stderr
     };
     chmod(&cfg, 0o664);
-    let e = start("group-writable");
+    let e = refused("group-writable", "nobody");
     assert!(
         e.contains("is writable by group or others (mode 0664)"),
         "{e}"
     );
     chmod(&cfg, 0o644);
     std::os::unix::fs::chown(&cfg, Some(NOBODY), None).unwrap();
-    let e = start("owned by nobody");
+    let e = refused("owned by nobody", "nobody");
     assert!(e.contains(&format!("is owned by uid {NOBODY}")), "{e}");
     std::os::unix::fs::chown(&cfg, Some(0), None).unwrap();
     // An unknown agent user is a start error too.
-    let out = vigil()
-        .arg("runner")
-        .arg("-c")
-        .arg(&cfg)
-        .arg("--socket")
-        .arg(dir.path().join("runner.sock"))
-        .args(["--agent-user", "vigil-no-such-user"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    let stderr = refused("unknown agent user", "vigil-no-such-user");
     assert!(
         stderr.contains("--agent-user \"vigil-no-such-user\": no such user"),
         "{stderr}"
@@ -369,8 +367,7 @@ fn the_runner_refuses_a_config_others_can_write() {
 /// configured; the user must exist either way.
 #[test]
 fn run_as_another_user_needs_the_runner_socket_when_not_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
     let dir = tempdir();
@@ -386,12 +383,9 @@ fn run_as_another_user_needs_the_runner_socket_when_not_root() {
             format!("{agent}[check.command.as-other]\ncommand = [\"true\"]\nrun_as = \"{user}\"\n");
         std::fs::write(&cfg, text).unwrap();
         chmod(&cfg, 0o644);
-        let out = vigil()
+        let out = vigil_as_nobody()
             .args(["config", "check", "-c"])
             .arg(&cfg)
-            .current_dir("/")
-            .uid(NOBODY)
-            .gid(uid_gid(NOBODY))
             .output()
             .unwrap();
         (
@@ -417,21 +411,16 @@ fn run_as_another_user_needs_the_runner_socket_when_not_root() {
 /// path) runs a `command` check with `run_as = "postgres"` through the runner.
 #[test]
 fn an_unprivileged_agent_runs_another_users_check_through_the_runner() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
-    let dir = tempdir();
-    let cfg = setup(dir.path());
+    let (dir, cfg) = setup();
     let check_as_nobody = || {
-        let out = vigil()
+        let out = vigil_as_nobody()
             .args(["check", "--json", "-c"])
             .arg(&cfg)
             .arg("as-postgres")
-            .current_dir("/")
             .env_remove("VIGIL_CONFIG")
-            .uid(NOBODY)
-            .gid(uid_gid(NOBODY))
             .output()
             .unwrap();
         let v: Value = serde_json::from_slice(&out.stdout)
@@ -459,12 +448,10 @@ fn an_unprivileged_agent_runs_another_users_check_through_the_runner() {
 /// `run_as = "postgres"` through the runner; the audit record has postgres's output.
 #[test]
 fn an_unprivileged_agent_runs_another_users_remediation_through_the_runner() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
-    let dir = tempdir();
-    let cfg = setup(dir.path());
+    let (dir, cfg) = setup();
     // The agent's own writable places, as systemd's StateDirectory/RuntimeDirectory give.
     let (state, run) = (dir.path().join("state"), dir.path().join("run"));
     for d in [&state, &run] {
@@ -482,14 +469,11 @@ fn an_unprivileged_agent_runs_another_users_remediation_through_the_runner() {
 
     let r = start(dir.path(), &cfg);
     let log = dir.path().join("agent.log");
-    let mut agent = vigil()
+    let mut agent = vigil_as_nobody()
         .args(["agent", "-c"])
         .arg(&cfg)
-        .current_dir("/")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("RUST_LOG")
-        .uid(NOBODY)
-        .gid(uid_gid(NOBODY))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -557,12 +541,10 @@ fn an_unprivileged_agent_runs_another_users_remediation_through_the_runner() {
 /// write is refused and logged, and the one in force stays.
 #[test]
 fn sighup_reloads_the_runners_config_and_refuses_an_unsafe_one() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if skip_unless_root(WHY_ROOT) {
         return;
     }
-    let dir = tempdir();
-    let cfg = setup(dir.path());
+    let (dir, cfg) = setup();
     let r = start(dir.path(), &cfg);
     let ask_new = || r.ask(&json!({"v": 1, "op": "remediation", "name": "added"}));
     assert!(error_of(&ask_new()).starts_with("unknown: "));

@@ -393,3 +393,82 @@ impl Drop for HealthProbe {
         }
     }
 }
+
+/// Whether the calling test should return at once because it does not run as root; if
+/// so, says on stderr that it was skipped, and why it needs root (`why`).
+pub fn skip_unless_root(why: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("skipped: needs root ({why})");
+    true
+}
+
+/// Makes a heartbeat key with `vigil keygen --out DIR/heartbeat.key` and returns the public
+/// key it prints, for `vigil control enroll --pubkey`.
+pub fn keygen(dir: &Path) -> String {
+    let key = dir.join("heartbeat.key");
+    let out = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = \"")?.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no public_key line in {stdout:?}"))
+        .to_string()
+}
+
+/// [`write_config`] for an agent that heartbeats as `host_id`: a disk check on `dir` every
+/// `check_interval` that never trips, and `[heartbeat]` to `url`, trusting the CA in
+/// `ca_file`, signing with the key [`keygen`] made in `dir`, plus the `heartbeat` lines
+/// (interval, backoff, timeout…).
+pub fn write_heartbeat_config(
+    dir: &Path,
+    host_id: &str,
+    check_interval: &str,
+    url: &str,
+    ca_file: &Path,
+    heartbeat: &str,
+) -> TestConfig {
+    let cfg = write_config(
+        dir,
+        &format!(
+            "[check.disk.scratch]\npath = {dir:?}\nwarn = \"99%\"\ncrit = \"100%\"\n\
+             interval = {check_interval:?}\n\n[heartbeat]\nurl = {url:?}\nca_file = {ca:?}\n\
+             key_file = {key:?}\n{heartbeat}\n",
+            dir = dir.display().to_string(),
+            ca = ca_file.display().to_string(),
+            key = dir.join("heartbeat.key").display().to_string(),
+        ),
+    );
+    let text = std::fs::read_to_string(&cfg.path).unwrap().replacen(
+        "[agent]\n",
+        &format!("[agent]\nhost_id = {host_id:?}\n"),
+        1,
+    );
+    std::fs::write(&cfg.path, text).unwrap();
+    cfg
+}
+
+/// Heartbeats as a store holds them, `(seq, received_at_ms)` in the order stored: every seq
+/// from 1 to at least `produced`, once each, none received before the one before it.
+/// Returns the last seq stored.
+pub fn assert_every_seq_once_in_order(rows: &[(u64, u64)], produced: u64) -> u64 {
+    let seqs: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    let last = seqs.last().copied().unwrap_or(0);
+    assert!(last >= produced, "stored up to {last}, produced {produced}");
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "every seq from 1, once, no gap, in order"
+    );
+    assert!(
+        rows.windows(2).all(|w| w[0].1 <= w[1].1),
+        "received in the order produced"
+    );
+    last
+}

@@ -82,51 +82,29 @@ fn pg_plane(url: &str, extra: &str) -> Plane {
 /// `plane` over TLS (its CA in `ca_file`) every `interval`, with a key made by
 /// `vigil keygen` and enrolled with `vigil control enroll --pubkey`.
 fn agent_config(plane: &Plane, dir: &Path, host_id: &str, interval: &str) -> TestConfig {
-    let key = dir.join("heartbeat.key");
-    let out = util::run(&["keygen", "--out", key.to_str().unwrap()]);
+    let out = plane.cli(&["enroll", "--host", host_id, "--pubkey", &util::keygen(dir)]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let public = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("public_key = \"")?.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("no public_key line in {stdout:?}"));
-    let out = plane.cli(&["enroll", "--host", host_id, "--pubkey", public]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg = util::write_config(
+    util::write_heartbeat_config(
         dir,
-        &format!(
-            "[check.disk.scratch]\npath = {dir:?}\nwarn = \"99%\"\ncrit = \"100%\"\n\
-             interval = \"200ms\"\n\n[heartbeat]\nurl = \"https://127.0.0.1:{port}/v1/heartbeats\"\n\
-             ca_file = {ca:?}\nkey_file = {key:?}\ninterval = {interval:?}\n\
-             max_backoff = \"500ms\"\n",
-            dir = dir.display().to_string(),
-            port = plane.addr.port(),
-            ca = plane.dir.path().join("ca.pem").display().to_string(),
-            key = key.display().to_string(),
-        ),
-    );
-    let text = std::fs::read_to_string(&cfg.path).unwrap().replacen(
-        "[agent]\n",
-        &format!("[agent]\nhost_id = {host_id:?}\n"),
-        1,
-    );
-    std::fs::write(&cfg.path, text).unwrap();
-    cfg
+        host_id,
+        "200ms",
+        &format!("https://127.0.0.1:{}/v1/heartbeats", plane.addr.port()),
+        &plane.dir.path().join("ca.pem"),
+        &format!("interval = {interval:?}\nmax_backoff = \"500ms\""),
+    )
 }
 
-/// The agent's `/heartbeat` detail.
-fn delivery(agent: &Agent) -> Value {
+/// The last seq the agent produced (its `/heartbeat` detail).
+fn produced_seq(agent: &Agent) -> u64 {
     let (code, v) = agent.get_json("/heartbeat");
     assert_eq!(code, 200, "{v}");
-    v
+    v["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no seq in /heartbeat: {v}"))
 }
 
 /// Heartbeats waiting in the agent's spool.
@@ -157,6 +135,38 @@ where
     }
 }
 
+/// Waits up to 20 s (`what`) until `plane` shows `host` available; returns the host.
+async fn until_available(
+    plane: &Plane,
+    host: &str,
+    what: &str,
+    diag: impl Fn() -> String,
+) -> Value {
+    wait(Duration::from_secs(20), what, diag, async || {
+        let h = plane.host(host).await;
+        (h["state"] == "available").then_some(h)
+    })
+    .await
+}
+
+/// The seqs of database `db`'s heartbeats, in order, comma-separated.
+fn stored_seqs(c: &Cluster, db: &str) -> String {
+    sql(
+        c,
+        db,
+        "SELECT string_agg(seq::text, ',' ORDER BY seq) FROM heartbeats",
+    )
+}
+
+/// The state the webhook was last told for `host` in database `db`.
+fn notified_state(c: &Cluster, db: &str, host: &str) -> String {
+    sql(
+        c,
+        db,
+        &format!("SELECT notified_state FROM hosts WHERE host_id = '{host}'"),
+    )
+}
+
 /// How long the control plane stays away while the agent runs.
 const OUTAGE: Duration = Duration::from_secs(180);
 
@@ -172,16 +182,7 @@ async fn a_real_agent_is_available_with_its_checks_and_an_outage_of_the_plane_lo
     let agent = Agent::start(&cfg);
     let diag = || format!("agent log:\n{}", agent.logs());
 
-    let h = wait(
-        Duration::from_secs(20),
-        "the host available",
-        diag,
-        async || {
-            let h = plane.host("pg-agent-1").await;
-            (h["state"] == "available").then_some(h)
-        },
-    )
-    .await;
+    let h = until_available(&plane, "pg-agent-1", "the host available", diag).await;
     assert_eq!(h["reported_state"], "available", "{h}");
     let checks = h["last_heartbeat"]["checks"]
         .as_array()
@@ -197,7 +198,7 @@ async fn a_real_agent_is_available_with_its_checks_and_an_outage_of_the_plane_lo
     // The control plane goes away; the agent keeps producing and spools.
     assert_eq!(rx.stop(), Some(0));
     let outage = Instant::now();
-    let seq_at_stop = delivery(&agent)["seq"].as_u64().unwrap();
+    let seq_at_stop = produced_seq(&agent);
     wait(
         Duration::from_secs(60),
         "heartbeats spooled",
@@ -207,7 +208,7 @@ async fn a_real_agent_is_available_with_its_checks_and_an_outage_of_the_plane_lo
     .await;
     let left = OUTAGE.saturating_sub(outage.elapsed());
     tokio::time::sleep(left).await; // the outage itself, not a wait for something
-    let produced = delivery(&agent)["seq"].as_u64().unwrap();
+    let produced = produced_seq(&agent);
     // At least one a second for most of the outage (the agent's own timing may slip on a
     // loaded machine, but not by half).
     assert!(
@@ -228,7 +229,7 @@ async fn a_real_agent_is_available_with_its_checks_and_an_outage_of_the_plane_lo
     )
     .await;
     // SIGTERM: a last heartbeat, delivered to the running plane.
-    let last_produced = delivery(&agent)["seq"].as_u64().unwrap();
+    let last_produced = produced_seq(&agent);
     assert_eq!(agent.stop(), Some(0));
 
     let rows = sql(
@@ -243,21 +244,7 @@ async fn a_real_agent_is_available_with_its_checks_and_an_outage_of_the_plane_lo
             (s.parse().unwrap(), r.parse().unwrap())
         })
         .collect();
-    let seqs: Vec<u64> = rows.iter().map(|r| r.0).collect();
-    let last = *seqs.last().unwrap();
-    assert!(
-        last >= last_produced,
-        "stored up to {last}, produced {last_produced}"
-    );
-    assert_eq!(
-        seqs,
-        (1..=last).collect::<Vec<_>>(),
-        "every seq from 1, once, no gap"
-    );
-    assert!(
-        rows.windows(2).all(|w| w[0].1 <= w[1].1),
-        "stored in the order produced"
-    );
+    let last = util::assert_every_seq_once_in_order(&rows, last_produced);
     let host = plane.host("pg-agent-1").await;
     assert_eq!(host["seq"], last);
     assert_eq!(
@@ -283,13 +270,7 @@ async fn a_silent_agent_turns_uncertain_in_time_and_back_across_restarts_of_the_
     let rx = plane.start();
     let agent = Agent::start(&cfg);
     let diag = || format!("agent log:\n{}", agent.logs());
-    wait(
-        Duration::from_secs(20),
-        "the host available",
-        diag,
-        async || (plane.host("pg-agent-2").await["state"] == "available").then_some(()),
-    )
-    .await;
+    until_available(&plane, "pg-agent-2", "the host available", diag).await;
 
     let stopped = Instant::now();
     assert_eq!(agent.stop(), Some(0));
@@ -348,13 +329,7 @@ async fn a_silent_agent_turns_uncertain_in_time_and_back_across_restarts_of_the_
     // Heartbeats resume: available again, and still so after another restart.
     let agent = Agent::start(&cfg);
     let diag = || format!("agent log:\n{}", agent.logs());
-    wait(
-        Duration::from_secs(20),
-        "the host available again",
-        diag,
-        async || (plane.host("pg-agent-2").await["state"] == "available").then_some(()),
-    )
-    .await;
+    until_available(&plane, "pg-agent-2", "the host available again", diag).await;
     assert_eq!(rx.stop(), Some(0));
     let rx = plane.start();
     assert_eq!(plane.host("pg-agent-2").await["state"], "available");
@@ -368,14 +343,7 @@ async fn every_forgery_and_replay_is_refused_with_nothing_stored() {
     let (db, url) = database(c);
     forgeries_and_replays_are_refused(pg_plane(&url, "")).await;
     // Only the two genuine heartbeats reached the history.
-    assert_eq!(
-        sql(
-            c,
-            &db,
-            "SELECT string_agg(seq::text, ',' ORDER BY seq) FROM heartbeats"
-        ),
-        "1,2"
-    );
+    assert_eq!(stored_seqs(c, &db), "1,2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,14 +439,7 @@ async fn two_receivers_on_one_database_send_each_webhook_change_once() {
         "the machine is too slow for this test: stopped only after {:?}",
         posted.elapsed()
     );
-    assert_eq!(
-        sql(
-            c,
-            &db,
-            "SELECT notified_state FROM hosts WHERE host_id = 'db-hook'"
-        ),
-        "available"
-    );
+    assert_eq!(notified_state(c, &db, "db-hook"), "available");
     // The outage itself, not a wait for something.
     tokio::time::sleep(Duration::from_secs(7).saturating_sub(posted.elapsed())).await;
     assert_eq!(hook.pending(), vec![], "no call while both are down");
@@ -490,14 +451,7 @@ async fn two_receivers_on_one_database_send_each_webhook_change_once() {
     );
     assert_eq!(v["seq"], 2);
     hook.assert_none_for(Duration::from_secs(3)).await;
-    assert_eq!(
-        sql(
-            c,
-            &db,
-            "SELECT notified_state FROM hosts WHERE host_id = 'db-hook'"
-        ),
-        "uncertain"
-    );
+    assert_eq!(notified_state(c, &db, "db-hook"), "uncertain");
 
     // A change still being retried when both stop is given back, and sent once after
     // their restart.
@@ -512,11 +466,7 @@ async fn two_receivers_on_one_database_send_each_webhook_change_once() {
     assert_eq!(ra.stop(), Some(0));
     assert_eq!(rb.stop(), Some(0));
     assert_eq!(
-        sql(
-            c,
-            &db,
-            "SELECT notified_state FROM hosts WHERE host_id = 'db-hook'"
-        ),
+        notified_state(c, &db, "db-hook"),
         "uncertain",
         "the claim was given back"
     );
@@ -778,14 +728,7 @@ async fn a_database_that_goes_away_is_a_503_and_the_receiver_recovers_when_it_re
     )
     .await;
     assert_eq!(plane.host("db-1").await["seq"], 2);
-    assert_eq!(
-        sql(
-            &c,
-            &db,
-            "SELECT string_agg(seq::text, ',' ORDER BY seq) FROM heartbeats"
-        ),
-        "1,2"
-    );
+    assert_eq!(stored_seqs(&c, &db), "1,2");
     let logs = rx.logs();
     assert_eq!(
         logs.matches("PostgreSQL store not available").count(),
