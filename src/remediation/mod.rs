@@ -404,31 +404,44 @@ impl Engine {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut was_tripped: HashMap<String, bool> = HashMap::new();
+        let mut timed = self.scan(&mut was_tripped);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
-                _ = tick.tick() => {}
+                // The clock matters only while a tripped check waits for its re-consider
+                // time; otherwise a new snapshot is the only news, and an idle agent is
+                // not woken every second for nothing.
+                _ = tick.tick(), if timed => {}
             }
-            self.scan(&mut was_tripped);
+            timed = self.scan(&mut was_tripped);
         }
     }
 
     /// One look at the snapshot: queue remediations of checks that just tripped, or that
-    /// stay tripped past their re-consider time.
-    fn scan(&self, was_tripped: &mut HashMap<String, bool>) {
+    /// stay tripped past their re-consider time. Returns whether a tripped check has a
+    /// remediation (so a later look may find it due without a new snapshot).
+    fn scan(&self, was_tripped: &mut HashMap<String, bool>) -> bool {
         let snap = self.inner.shared.load();
         let config = self.config();
         let now = Instant::now();
+        let mut timed = false;
         for c in &snap.checks {
             let tripped = c.hysteresis.tripped;
-            let before = was_tripped.insert(c.name.clone(), tripped).unwrap_or(false);
+            let before = match was_tripped.get_mut(&c.name) {
+                Some(was) => std::mem::replace(was, tripped),
+                None => {
+                    was_tripped.insert(c.name.clone(), tripped);
+                    false
+                }
+            };
             if !tripped {
                 continue;
             }
             let Some(name) = remediation_of(&config, &c.name) else {
                 continue;
             };
+            timed = true;
             if !before {
                 // The edge: queue at once, whatever the re-consider time.
             } else {
@@ -452,6 +465,7 @@ impl Engine {
             };
             self.enqueue(job, false);
         }
+        timed
     }
 
     // ----- worker -----
