@@ -152,6 +152,16 @@ def rss(pids):
                 t += int(l.split()[1])
     return t
 
+def pss(pids):
+    """Pss in KiB from smaps_rollup, summed over pids: shared pages (libc, a binary two
+    processes map) count by the share each process has, so it is what the host pays."""
+    t = 0
+    for p in pids:
+        for l in open(f"/proc/{p}/smaps_rollup"):
+            if l.startswith("Pss:"):
+                t += int(l.split()[1])
+    return t
+
 def get(port, path):
     s = socket.create_connection(("127.0.0.1", port), timeout=2)
     try:
@@ -205,6 +215,8 @@ if __name__ == "__main__":
         print(" ".join(f"{cpu(g):.2f}" for g in [pids] + ([[p] for p in pids] if len(pids) > 1 else [])))
     elif cmd == "rss":
         print(rss([int(p) for p in sys.argv[2:]]))
+    elif cmd == "pss":
+        print(pss([int(p) for p in sys.argv[2:]]))
     elif cmd == "launch":
         launch(sys.argv[2])
     elif cmd == "now":
@@ -442,7 +454,7 @@ idle() {
         record "$peer.rss_kib.${NAMES[i-1]}" "$(h rss "${!i}")"
     done
     record "$peer.cluster_cpu_s" "$(d "$p1" "$p0")"
-    [ $# -gt 0 ] && record "$peer.rss_kib" "$(h rss "$@")"
+    [ $# -gt 0 ] && record "$peer.rss_kib" "$(h rss "$@")" && record "$peer.pss_kib" "$(h pss "$@")"
     return 0
 }
 
@@ -657,6 +669,8 @@ e_cpu = per_min("exporters", "daemon_cpu_s")
 m_cpu = per_min("monit", "daemon_cpu_s")
 rows.append(("steady RSS, MiB", mib("vigil.rss_kib"), mib("exporters.rss_kib.node"), mib("exporters.rss_kib.pg"),
              mib("exporters.rss_kib"), mib("monit.rss_kib"), ("≤", 6.0), "{:.2f}", False))
+rows.append(("steady PSS (shared pages by share), MiB", mib("vigil.pss_kib"), None, None,
+             mib("exporters.pss_kib"), mib("monit.pss_kib"), None, "{:.2f}", False))
 rows.append(("CPU s per idle minute, daemon + children", v_cpu, per_min("exporters", "daemon_cpu_s.node"),
              per_min("exporters", "daemon_cpu_s.pg"), e_cpu, m_cpu, ("≤", half(m_cpu)), "{:.3f}", False))
 # Only postgres_exporter talks to PostgreSQL: the pair's share is all its own.
