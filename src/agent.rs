@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -149,26 +149,6 @@ fn open_state_dir(dir: &Path) -> Result<Flock<std::fs::File>, AgentError> {
 
 /// Binds the admin socket with mode 0600. A socket file left by a crashed agent is
 /// replaced; one that a running agent still answers on is an error, not stolen.
-/// Backlog of the TCP listener (the kernel caps it at `net.core.somaxconn`, 4096 by
-/// default since Linux 5.4). tokio's `bind` asks for 1024; a burst of new connections larger
-/// than the backlog (a flood of idle clients, many scrapers at once) overflows it and the
-/// kernel drops SYNs, so a health check arriving then waits a 1 s retransmit. The HTTP
-/// server evicts idle connections quickly (see `http::Slots`); a deeper queue lets it.
-const TCP_BACKLOG: u32 = 4096;
-
-/// Binds the read-only API's listener with [`TCP_BACKLOG`] (`SO_REUSEADDR` as tokio's
-/// `bind` sets it, so a restart does not wait for TIME_WAIT).
-fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(TCP_BACKLOG)
-}
-
 async fn bind_admin(path: &Path) -> Result<UnixListener, AgentError> {
     let err = |source| AgentError::Listen {
         what: "admin socket",
@@ -231,11 +211,12 @@ pub async fn run(
     let _state_lock = open_state_dir(&config.agent.state_dir)?;
     let lifecycle = lifecycle::load(&config.agent.state_dir, config.agent.initial_lifecycle)?;
 
-    let tcp = listen_tcp(config.api.listen).map_err(|source| AgentError::Listen {
-        what: "listening on",
-        addr: config.api.listen.to_string(),
-        source,
-    })?;
+    let tcp =
+        crate::http::slots::listen_tcp(config.api.listen).map_err(|source| AgentError::Listen {
+            what: "listening on",
+            addr: config.api.listen.to_string(),
+            source,
+        })?;
     let admin = bind_admin(&config.api.admin_socket).await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;

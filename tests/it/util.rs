@@ -472,3 +472,48 @@ pub fn assert_every_seq_once_in_order(rows: &[(u64, u64)], produced: u64) -> u64
     );
     last
 }
+
+/// Sends four requests at once to `addr`, each `head` followed by 1 MiB of one header
+/// value, and returns what came back on each before the server closed (bounded at 10 s).
+pub fn oversized_heads(addr: std::net::SocketAddr, head: &[u8]) -> Vec<(Vec<u8>, Duration)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut s = std::net::TcpStream::connect(addr).unwrap();
+                    let mut req = head.to_vec();
+                    req.extend_from_slice(b"X-Big: ");
+                    req.resize(req.len() + 1024 * 1024, b'a');
+                    req.extend_from_slice(b"\r\n\r\n");
+                    // The server may close before taking it all: that is the point.
+                    let _ = std::io::Write::write_all(&mut s, &req);
+                    read_until_closed(&mut s, Duration::from_secs(10))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Each answer to [`oversized_heads`] is a 431 or a close, and came within 10 s.
+pub fn assert_refused_heads(answers: &[(Vec<u8>, Duration)]) {
+    for (resp, took) in answers {
+        let code = status_code(resp);
+        assert!(
+            code.is_none() || code == Some(431),
+            "1 MiB of headers answered {code:?}: {}",
+            String::from_utf8_lossy(resp)
+        );
+        assert!(*took < Duration::from_secs(10), "never closed");
+    }
+}
+
+/// The status code of `resp` is `want`, else the response is shown.
+pub fn assert_status(resp: &[u8], want: u16) {
+    assert_eq!(
+        status_code(resp),
+        Some(want),
+        "{}",
+        String::from_utf8_lossy(resp)
+    );
+}
