@@ -694,8 +694,10 @@ rows.append(("health endpoint, req/s (wrk -t2 -c16)", num("vigil.health.rps"), n
 n, p = num("exporters.first200_ms.node"), num("exporters.first200_ms.pg")
 rows.append(("exec → first 200, ms (vigil /health/live)", num("vigil.first200_ms.live"), n, p,
              max(n, p) if n is not None and p is not None else None, num("monit.first200_ms.monit"), ("≤", 10), "{:.1f}", False))
+# /health is 200 only once every check has a sample (a health answer must rest on one): no
+# target, the time is the first round's.
 rows.append(("exec → first 200, ms (vigil /health, first round done)", num("vigil.first200_ms.health"), n, p,
-             max(n, p) if n is not None and p is not None else None, num("monit.first200_ms.monit"), ("≤", 10), "{:.1f}", False))
+             max(n, p) if n is not None and p is not None else None, num("monit.first200_ms.monit"), None, "{:.1f}", False))
 b = lambda k: num(k) / 1048576
 rows.append(("binary size, MiB", b("vigil.binary_bytes"), b("exporters.binary_bytes.node"), b("exporters.binary_bytes.pg"),
              add(b("exporters.binary_bytes.node"), b("exporters.binary_bytes.pg")), b("monit.binary_bytes"), None, "{:.2f}", False))
