@@ -24,7 +24,8 @@ use crate::pgcluster::{Cluster, ClusterOptions, Node};
 use crate::postgres::{ALL_KINDS, all_kinds_with};
 use crate::util::{
     Agent, HealthProbe, RssWatch, TestConfig, assert_refused_heads, oversized_heads, poll,
-    raise_nofile, read_until_closed, rss_kib, status_code, tempdir, try_http, write_config,
+    raise_nofile, read_until_closed, rss_kib, slowloris, status_code, tempdir, try_http,
+    write_config,
 };
 
 /// Deadline for anything that takes a few samples or a reconnect.
@@ -590,23 +591,7 @@ fn abusive_clients_do_not_starve_health_or_grow_memory() {
 
     // A slowloris: one header byte every 2 s is cut off at the header-read timeout (5 s)
     // plus slack, rather than held forever.
-    let mut slow = TcpStream::connect(agent.addr).unwrap();
-    let t = Instant::now();
-    let req = b"GET /health HTTP/1.1\r\nHost: x\r\n";
-    let mut closed_after = None;
-    for b in req {
-        if slow.write_all(&[*b]).is_err() {
-            closed_after = Some(t.elapsed());
-            break;
-        }
-        let (resp, _) = read_until_closed(&mut slow, Duration::from_secs(2));
-        if !resp.is_empty() || t.elapsed() > Duration::from_secs(12) {
-            closed_after = Some(t.elapsed());
-            break;
-        }
-    }
-    let closed_after = closed_after.expect("the slowloris was never cut off");
-    eprintln!("slowloris: cut off after {closed_after:?}");
+    let (closed_after, _) = slowloris(agent.addr, Duration::from_secs(12));
     assert!(
         closed_after < Duration::from_secs(10),
         "slowloris held for {closed_after:?}"

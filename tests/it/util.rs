@@ -517,3 +517,24 @@ pub fn assert_status(resp: &[u8], want: u16) {
         String::from_utf8_lossy(resp)
     );
 }
+
+/// A slowloris against `addr`: one byte of a request head at a time, each followed by up
+/// to 2 s of waiting for the server to answer or close. Returns how long until it was cut
+/// off, and the stream (for what the server said); panics if `give_up` passes first.
+pub fn slowloris(addr: std::net::SocketAddr, give_up: Duration) -> (Duration, std::net::TcpStream) {
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    let t = std::time::Instant::now();
+    let cut = b"GET /health HTTP/1.1\r\nHost: x\r\n".iter().any(|b| {
+        assert!(t.elapsed() <= give_up, "the slowloris was never cut off");
+        if std::io::Write::write_all(&mut slow, &[*b]).is_err() {
+            return true;
+        }
+        // An answer (408, 400) or a close, read before the next byte goes.
+        let (resp, took) = read_until_closed(&mut slow, Duration::from_secs(2));
+        !resp.is_empty() || took < Duration::from_secs(2)
+    });
+    assert!(cut, "the whole head went through a byte at a time");
+    let closed_after = t.elapsed();
+    eprintln!("slowloris: cut off after {closed_after:?}");
+    (closed_after, slow)
+}

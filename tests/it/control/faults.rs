@@ -19,7 +19,7 @@ use vigil::control::store::{HostFilter, Page, Store};
 use super::{Load, Plane, body, key, post};
 use crate::util::{
     HealthProbe, RssWatch, assert_refused_heads, assert_status, oversized_heads, raise_nofile,
-    read_until_closed, rss_kib, status_code, try_http,
+    read_until_closed, rss_kib, slowloris, status_code, try_http,
 };
 
 /// Idle connections the flood opens: about twice the receiver's default
@@ -214,23 +214,7 @@ fn abusive_clients_do_not_starve_heartbeats_or_grow_the_receivers_memory() {
     // The flood goes: the slowloris below must meet the header-read timeout, not an
     // eviction made for a newer connection.
     drop(idle);
-    let mut slow = TcpStream::connect(plane.addr).unwrap();
-    let t = Instant::now();
-    let req = b"GET /health HTTP/1.1\r\nHost: x\r\n";
-    let mut closed_after = None;
-    for b in req {
-        if slow.write_all(&[*b]).is_err() {
-            closed_after = Some(t.elapsed());
-            break;
-        }
-        let (resp, _) = read_until_closed(&mut slow, Duration::from_secs(2));
-        if !resp.is_empty() || t.elapsed() > HEADER_READ_TIMEOUT * 2 {
-            closed_after = Some(t.elapsed());
-            break;
-        }
-    }
-    let closed_after = closed_after.expect("the slowloris was never cut off");
-    eprintln!("slowloris: cut off after {closed_after:?}");
+    let (closed_after, mut slow) = slowloris(plane.addr, HEADER_READ_TIMEOUT * 2);
     assert!(
         closed_after < HEADER_READ_TIMEOUT + Duration::from_secs(4),
         "slowloris held for {closed_after:?}"
