@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::alarm::Alarm;
 use crate::checks::CheckContext;
 use crate::config::{self, Config};
 use crate::heartbeat::delivery;
@@ -284,12 +285,14 @@ pub async fn run(
     tokio::pin!(first_round);
     let mut ready = false;
     let watchdog = systemd::watchdog_period();
-    let mut tick = tokio::time::interval(
-        watchdog
-            .map_or(Duration::from_secs(10), |p| p / 2)
-            .min(Duration::from_secs(10)),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The tick feeds systemd (WATCHDOG=1, STATUS=); with nobody listening it is not run,
+    // and an idle agent is not woken for it.
+    let supervised = systemd::supervised();
+    let period = watchdog
+        .map_or(Duration::from_secs(10), |p| p / 2)
+        .min(Duration::from_secs(10));
+    let mut alarm = Alarm::new();
+    let mut next_tick = Instant::now() + period;
     let mut last_status = String::new();
 
     loop {
@@ -326,7 +329,8 @@ pub async fn run(
                 systemd::ready(&s);
                 last_status = s;
             }
-            _ = tick.tick() => {
+            _ = alarm.sleep_until(next_tick), if supervised => {
+                next_tick = Instant::now() + period;
                 let snap = shared.load();
                 // WATCHDOG=1 only while every check is being run on schedule: a wedged
                 // scheduler gets the agent restarted instead of serving old answers.

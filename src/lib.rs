@@ -17,9 +17,11 @@
 //! - [`heartbeat`]: signed heartbeats: keys, signing, the document, sequence, spool,
 //!   transport and the delivery loop; [`image`]: `vigil image prep`;
 //! - [`remediation`]: pre-approved scripts run when a check trips: guard, guardrails, audit;
-//! - [`durable`]: crash-safe file writes; [`systemd`]: sd_notify; [`telemetry`]: logging.
+//! - [`alarm`]: long sleeps with one wakeup (timerfd); [`durable`]: crash-safe file writes;
+//!   [`systemd`]: sd_notify; [`telemetry`]: logging.
 
 pub mod agent;
+pub mod alarm;
 pub mod checks;
 pub mod cli;
 pub mod client;

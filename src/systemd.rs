@@ -10,12 +10,17 @@ use sd_notify::NotifyState;
 use tracing::debug;
 
 fn send(states: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !supervised() {
         return;
     }
     if let Err(e) = sd_notify::notify(states) {
         debug!(error = %e, "sd_notify failed");
     }
+}
+
+/// Whether systemd (or another supervisor) listens for notifications.
+pub fn supervised() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
 /// The agent listens and the first round of checks has run.

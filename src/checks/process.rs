@@ -168,13 +168,13 @@ fn page_size() -> u64 {
 impl Check for ProcessCheck {
     async fn run(&mut self, cx: &CheckContext) -> Result<Observation, CheckError> {
         let proc_root = cx.proc_root.clone();
-        let scan_what = format!("scan of {}", proc_root.display());
         let (found, subject) = match &self.target {
             Target::Invalid(e) => {
                 return Err(CheckError::Parse(format!("invalid process check: {e}")));
             }
             Target::Name(name) => {
                 let comm = name.clone().into_bytes();
+                let scan_what = format!("scan of {}", proc_root.display());
                 let found = self
                     .scan
                     .run(&scan_what, move || scan_by_name(&proc_root, &comm))
@@ -196,10 +196,11 @@ impl Check for ProcessCheck {
                         let pid = parse_pidfile(&text).map_err(|e| {
                             CheckError::Parse(format!("pidfile {}: {e}", path.display()))
                         })?;
-                        let mut found = self
-                            .scan
-                            .run(&scan_what, move || scan_pid(&proc_root, pid))
-                            .await??;
+                        // One pid's few procfs files, read on the async thread as the
+                        // kernel check does: procfs does not hang the way the pidfile's
+                        // mount can, and a second trip through the blocking pool would
+                        // double this check's wakeups.
+                        let mut found = scan_pid(&proc_root, pid)?;
                         if found.processes.is_empty() {
                             found.note = Some(format!("pid {pid} is not running"));
                         }

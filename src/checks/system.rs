@@ -115,10 +115,10 @@ impl SystemCheck {
 
 impl Check for SystemCheck {
     async fn run(&mut self, cx: &CheckContext) -> Result<Observation, CheckError> {
-        let (proc_root, sys_root) = (cx.proc_root.clone(), cx.sys_root.clone());
-        let raw = tokio::task::spawn_blocking(move || gather(&proc_root, &sys_root))
-            .await
-            .map_err(|e| CheckError::Internal(format!("reading system files: {e}")))??;
+        // A few small procfs/sysfs reads, on the async thread as the kernel check does:
+        // procfs does not hang the way a network mount can, and a trip through the
+        // blocking pool costs this check two more wakeups than the reads themselves.
+        let raw = gather(&cx.proc_root, &cx.sys_root)?;
         let sample = interpret(&raw)?;
         let oom_since_start = sample.oom_kills.map(|now| {
             let base = *self.oom_baseline.get_or_insert(now);
