@@ -1,9 +1,12 @@
 //! The check scheduler: one task per enabled check.
 //!
-//! - The first round runs at once; later runs come every interval, shifted by a small
-//!   phase per check so that checks with the same interval do not fire together — except
-//!   checks on the same database, which share their phase and so run back to back on their
-//!   shared session: one wakeup of the server per round instead of one per check.
+//! - The first round runs at once; later runs come every interval, shifted by a phase per
+//!   check so that a round is spread over the first quarter of the interval (at most 5 s)
+//!   instead of firing at one instant. The phase is one of [`PHASE_SLOTS`] slots there:
+//!   checks that draw the same slot share one wakeup of the agent, which on an idle agent
+//!   is most of what a check costs. Checks on the same database share their slot and so
+//!   run back to back on their shared session: one wakeup of the server per round
+//!   instead of one per check.
 //! - A check's runs never overlap: its task awaits each run before scheduling the next, and
 //!   a run that overruns its timeout is abandoned and recorded as `unknown`.
 //! - A semaphore caps how many checks measure at once, so the agent never hits the database
@@ -34,6 +37,9 @@ use crate::state::{CheckView, Hysteresis, Shared, Transition};
 
 /// The longest phase added to a check's schedule.
 const MAX_PHASE: Duration = Duration::from_secs(5);
+
+/// How many distinct phases the checks of one interval are spread over.
+const PHASE_SLOTS: u32 = 4;
 
 /// A spec resolved into what its task needs; compared on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -220,7 +226,7 @@ impl CheckTask {
             Some(key) => group_fraction(key),
             None => fastrand::f64(),
         };
-        let phase = max_phase.mul_f64(fraction);
+        let phase = phase_slot(max_phase, fraction);
         let mut next = Instant::now();
         let mut alarm = Alarm::new();
         loop {
@@ -355,6 +361,12 @@ fn build(spec: &CheckSpec<'_>, common: &Common, config: &Config, name: &str) -> 
     check
 }
 
+/// The phase slot a fraction in [0, 1) falls in: `k * max_phase / PHASE_SLOTS`.
+fn phase_slot(max_phase: Duration, fraction: f64) -> Duration {
+    let k = (fraction.clamp(0.0, 1.0) * f64::from(PHASE_SLOTS)) as u32;
+    max_phase / PHASE_SLOTS * k.min(PHASE_SLOTS - 1)
+}
+
 /// A stable fraction in [0, 1) for a group key.
 fn group_fraction(key: &str) -> f64 {
     use std::hash::{Hash, Hasher};
@@ -455,6 +467,22 @@ mod tests {
         // A run that overran three slots resumes on the next one, not back to back.
         let late = epoch + Duration::from_millis(3_450);
         assert_eq!(next_slot(epoch, phase, iv, late), epoch + phase + iv * 4);
+    }
+
+    #[test]
+    fn phases_fall_on_a_few_slots_within_the_spread() {
+        let max = Duration::from_millis(3750);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..1000 {
+            let p = phase_slot(max, f64::from(i) / 1000.0);
+            assert!(p < max, "{p:?}");
+            seen.insert(p);
+        }
+        let want: Vec<_> = (0..PHASE_SLOTS).map(|k| max / PHASE_SLOTS * k).collect();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), want);
+        // The edges: a fraction of 1.0 (or above) stays in the last slot.
+        assert_eq!(phase_slot(max, 1.0), max / PHASE_SLOTS * (PHASE_SLOTS - 1));
+        assert_eq!(phase_slot(max, -0.5), Duration::ZERO);
     }
 
     #[test]
