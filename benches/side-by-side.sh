@@ -20,10 +20,13 @@
 # What is measured, per peer:
 #   RSS          VmRSS at the end of the idle window, summed over the peer's daemons
 #                (not a pgbackrest child that happens to run at that instant);
-#   CPU          utime+stime+cutime+cstime deltas over the idle window from /proc/PID/stat
-#                of each daemon and its live descendants (cutime: reaped pgbackrest runs);
-#                the PostgreSQL work it causes: the same over both postmasters and their
-#                children (cutime: reaped backends), minus the baseline phase's, per minute;
+#   CPU          of each daemon and everything it forks: each daemon starts in a cgroup of
+#                its own and its CPU is the cgroup's usage counter (nanoseconds, exited
+#                threads and reaped pgbackrest runs included); without cgroups, utime+stime
+#                +cutime+cstime from /proc/PID/stat of the daemon and its live descendants,
+#                in 10 ms clock ticks. The PostgreSQL work it causes: the ticks of both
+#                postmasters and their children (cutime: reaped backends), minus the
+#                baseline phase's, per minute;
 #   latency      wrk -t1 -c1 -dLAT_SECS --latency: one keep-alive connection, requests back
 #                to back as a scraper sends them, µs resolution, thousands of samples for a
 #                fast endpoint, and the tool and flags of measure-agent.sh so the numbers
@@ -44,8 +47,8 @@
 # Everything else lives in a temp dir, removed at the end with every process started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# 300 s: CPU is read in 10 ms clock ticks, so a minute-long window is good to ±0.010 s per
-# minute, as coarse as the figures compared; five minutes is good to ±0.002.
+# 300 s: a window holds exactly one 5-minute pgbackrest run of each peer and 20 rounds,
+# and the cluster's CPU (10 ms clock ticks) is good to ±0.002 s per minute.
 IDLE_SECS=${IDLE_SECS:-300}
 PHASES=${PHASES:-vigil exporters monit}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -94,6 +97,10 @@ cleanup() {
     sleep 0.5
     for p in $(cat "$work/pids" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
     for d in standby primary; do pg_stop "$work/$d"; done
+    # The daemons' cgroups, empty once they are gone.
+    for g in /sys/fs/cgroup/"$(basename "$work")"-* /sys/fs/cgroup/cpuacct/"$(basename "$work")"-*; do
+        [ -d "$g" ] && rmdir "$g" 2>/dev/null
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -139,9 +146,45 @@ def ticks(pid):
         return 0
     return sum(int(x) for x in f[11:15])
 
+CGROUPS = os.environ.get("SBS_CGROUPS", "")
+
+def cgroup_usage(pid):
+    """CPU seconds from the cgroup launch() put pid in, or None (no cgroup for it)."""
+    try:
+        path = json.load(open(CGROUPS)).get(str(pid))
+    except (OSError, ValueError):
+        return None
+    if not path:
+        return None
+    if os.path.exists(f"{path}/cpu.stat"):  # cgroup v2
+        for l in open(f"{path}/cpu.stat"):
+            if l.startswith("usage_usec "):
+                return int(l.split()[1]) / 1e6
+        return None
+    return int(open(f"{path}/cpuacct.usage").read()) / 1e9  # cgroup v1 cpuacct
+
 def cpu(pids):
-    """CPU seconds of the trees under pids (live descendants counted once each)."""
-    return sum(ticks(p) for r in pids for p in tree(r)) / HZ
+    """CPU seconds of each daemon with everything it forked: its cgroup's counter, else
+    the ticks of its tree (live descendants counted once each)."""
+    t = 0.0
+    for r in pids:
+        u = cgroup_usage(r)
+        t += u if u is not None else sum(ticks(p) for p in tree(r)) / HZ
+    return t
+
+def new_cgroup(name):
+    """A new CPU-accounting cgroup (v2, else v1 cpuacct), or None when neither is there."""
+    for root, probe in (("/sys/fs/cgroup", "cgroup.controllers"), ("/sys/fs/cgroup/cpuacct", "cpuacct.usage")):
+        if os.path.exists(f"{root}/{probe}"):
+            path = f"{root}/{name}"
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            except OSError:
+                return None
+            return path
+    return None
 
 def rss(pids):
     """VmRSS in KiB summed over pids themselves (not a transient child such as pgbackrest)."""
@@ -189,6 +232,20 @@ def launch(spec_file):
         procs[d["name"]] = p
         with open(spec["pids"], "a") as f:  # at once, for the cleanup trap
             f.write(f"{p.pid}\n")
+        # Into a cgroup of its own before the warm-up ends (what it forks in its first
+        # milliseconds stays outside, but that is before the idle window).
+        prefix = os.path.basename(os.path.dirname(os.path.abspath(spec_file)))
+        peer = os.path.basename(spec_file).rsplit(".", 1)[0]
+        cg = new_cgroup(f"{prefix}-{peer}-{d['name']}") if CGROUPS else None
+        if cg:
+            try:
+                with open(f"{cg}/cgroup.procs", "w") as f:
+                    f.write(str(p.pid))
+                groups = json.load(open(CGROUPS)) if os.path.exists(CGROUPS) else {}
+                groups[str(p.pid)] = cg
+                json.dump(groups, open(CGROUPS, "w"))
+            except OSError:
+                pass
     t_exec = {n: t0 for n in procs}
     pending = list(spec["probes"])  # [name, port, path]
     done = {}
@@ -212,7 +269,7 @@ if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "cpu":  # the total, then each tree's own
         pids = [int(p) for p in sys.argv[2:]]
-        print(" ".join(f"{cpu(g):.2f}" for g in [pids] + ([[p] for p in pids] if len(pids) > 1 else [])))
+        print(" ".join(f"{cpu(g):.4f}" for g in [pids] + ([[p] for p in pids] if len(pids) > 1 else [])))
     elif cmd == "rss":
         print(rss([int(p) for p in sys.argv[2:]]))
     elif cmd == "pss":
@@ -222,7 +279,7 @@ if __name__ == "__main__":
     elif cmd == "now":
         print(f"{time.time():.3f}")
 PY
-h() { python3 "$work/h.py" "$@"; }
+h() { SBS_CGROUPS="$work/cgroups.json" python3 "$work/h.py" "$@"; }
 
 # ------------------------------------------------ PostgreSQL 15 pair + pgBackRest ----
 pgdir 700 "$work/primary" "$work/standby"
@@ -433,6 +490,11 @@ launch() {
             first200) record "$peer.first200_ms.$name" "$v" ;;
         esac
     done <<< "$out"
+    if grep -qs "\"${PIDS[0]:-none}\"" "$work/cgroups.json"; then
+        record "$peer.cpu_source" cgroup
+    else
+        record "$peer.cpu_source" ticks
+    fi
 }
 
 # idle PEER [PID...]: warm-up, then IDLE_SECS: CPU of the daemons (in all and, for a
@@ -446,7 +508,7 @@ idle() {
     sleep "$IDLE_SECS"
     t1=$(h now); c1=($( [ $# -gt 0 ] && h cpu "$@" || echo 0)); p1=$(cluster_cpu)
     IDLE_T0=$t0 IDLE_T1=$t1   # the window, for the scrape count
-    d() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a - b}'; }
+    d() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.4f", a - b}'; }
     record "$peer.idle_wall_s" "$(awk -v a="$t1" -v b="$t0" 'BEGIN {printf "%.3f", a - b}')"
     record "$peer.daemon_cpu_s" "$(d "${c1[0]}" "${c0[0]}")"
     for ((i = 1; i < ${#c0[@]}; i++)); do
@@ -725,12 +787,20 @@ for name, v, n, p, e, m, target, fmt, hib in rows:
 print()
 head = open(sys.argv[1]).readline().lstrip("# ").strip()
 tick = 0.01 * 60 / num("baseline.idle_wall_s")
+sources = {R.get(f"{p}.cpu_source") for p in ("vigil", "exporters", "monit")} - {None}
+if sources == {"cgroup"}:
+    cpu_note = ("Each daemon's CPU is its own cgroup's usage counter (nanoseconds;\n"
+                "  exited threads and every pgbackrest run it forked included).\n  ")
+else:
+    cpu_note = ("Daemon CPU is in clock ticks as the cluster's below (no cgroup could be\n"
+                "  made for " + ", ".join(sorted(sources - {"cgroup"})) + ").\n  ")
 print(f"""Notes ({head}):
 - Baseline (idle pair, no peer): {per_min('baseline', 'cluster_cpu_s'):.3f} CPU s per minute; "PostgreSQL work caused"
-  is a phase's cluster CPU minus that, per minute. CPU comes from /proc/PID/stat in clock
-  ticks (10 ms): each per-process figure is good to about ±{tick:.3f} s per minute at
-  IDLE_SECS={R.get('IDLE_SECS')}, the cluster's (some 15 processes) to several times that, so a
-  small or negative "caused" is noise; a longer IDLE_SECS narrows it.
+  is a phase's cluster CPU minus that, per minute.
+  {cpu_note}The cluster's CPU comes from /proc/PID/stat in clock ticks (10 ms), each
+  process good to about ±{tick:.3f} s per minute at IDLE_SECS={R.get('IDLE_SECS')}; with some 15
+  processes the cluster is good to several times that, so a small or negative "caused"
+  is noise; a longer IDLE_SECS narrows it.
 - node+pg exporters: RSS, CPU and binary size are sums; /metrics latency is the sum of
   both scrapes (Prometheus needs both for the data vigil serves in one); first 200 is the
   later of the two (started at the same instant); the health row is the faster of their
