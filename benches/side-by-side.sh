@@ -20,9 +20,10 @@
 # What is measured, per peer:
 #   RSS          VmRSS at the end of the idle window, summed over the peer's daemons
 #                (not a pgbackrest child that happens to run at that instant);
-#   CPU          of each daemon and everything it forks: each daemon starts in a cgroup of
-#                its own and its CPU is the cgroup's usage counter (nanoseconds, exited
-#                threads and reaped pgbackrest runs included); without cgroups, utime+stime
+#   CPU          of each daemon and everything it forks: once its first 200 is timed, each
+#                daemon moves into a cgroup of its own, whose usage counter is its CPU
+#                (nanoseconds, exited threads and reaped pgbackrest runs included, what it
+#                forked before the move not: that is warm-up); without cgroups, utime+stime
 #                +cutime+cstime from /proc/PID/stat of the daemon and its live descendants,
 #                in 10 ms clock ticks. The PostgreSQL work it causes: the ticks of both
 #                postmasters and their children (cutime: reaped backends), minus the
@@ -219,6 +220,8 @@ def launch(spec_file):
     exec, no runuser in the timing), then polls each URL every 1 ms; prints one line per
     URL: `first200 NAME MS` (or `first200 NAME none`) and `pid NAME PID` per daemon."""
     spec = json.load(open(spec_file))
+    prefix = os.path.basename(os.path.dirname(os.path.abspath(spec_file)))
+    peer = os.path.basename(spec_file).rsplit(".", 1)[0]
     pw = pwd.getpwnam("postgres")
     procs = {}
     t0 = time.perf_counter()
@@ -232,20 +235,6 @@ def launch(spec_file):
         procs[d["name"]] = p
         with open(spec["pids"], "a") as f:  # at once, for the cleanup trap
             f.write(f"{p.pid}\n")
-        # Into a cgroup of its own before the warm-up ends (what it forks in its first
-        # milliseconds stays outside, but that is before the idle window).
-        prefix = os.path.basename(os.path.dirname(os.path.abspath(spec_file)))
-        peer = os.path.basename(spec_file).rsplit(".", 1)[0]
-        cg = new_cgroup(f"{prefix}-{peer}-{d['name']}") if CGROUPS else None
-        if cg:
-            try:
-                with open(f"{cg}/cgroup.procs", "w") as f:
-                    f.write(str(p.pid))
-                groups = json.load(open(CGROUPS)) if os.path.exists(CGROUPS) else {}
-                groups[str(p.pid)] = cg
-                json.dump(groups, open(CGROUPS, "w"))
-            except OSError:
-                pass
     t_exec = {n: t0 for n in procs}
     pending = list(spec["probes"])  # [name, port, path]
     done = {}
@@ -260,6 +249,22 @@ def launch(spec_file):
             except (OSError, ValueError, IndexError):
                 pass
         time.sleep(0.001)
+    # Each daemon into a cgroup of its own, now that the first 200s are timed: a move
+    # waits for an RCU grace period (11 ms measured) during which the daemon cannot
+    # start threads, which would count in its start-up time. What it forked before the
+    # move (a first pgbackrest run) stays outside, but that is in the warm-up.
+    for d in spec["daemons"]:
+        p = procs[d["name"]]
+        cg = new_cgroup(f"{prefix}-{peer}-{d['name']}") if CGROUPS else None
+        if cg:
+            try:
+                with open(f"{cg}/cgroup.procs", "w") as f:
+                    f.write(str(p.pid))
+                groups = json.load(open(CGROUPS)) if os.path.exists(CGROUPS) else {}
+                groups[str(p.pid)] = cg
+                json.dump(groups, open(CGROUPS, "w"))
+            except OSError:
+                pass
     for name, p in procs.items():
         print(f"pid {name} {p.pid}")
     for name, _, _ in spec["probes"]:
