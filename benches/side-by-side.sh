@@ -187,24 +187,24 @@ def new_cgroup(name):
             return path
     return None
 
-def rss(pids):
-    """VmRSS in KiB summed over pids themselves (not a transient child such as pgbackrest)."""
+def kib(pids, file, field):
+    """A KiB field of /proc/PID/FILE summed over pids themselves (not a transient child
+    such as pgbackrest)."""
     t = 0
     for p in pids:
-        for l in open(f"/proc/{p}/status"):
-            if l.startswith("VmRSS:"):
+        for l in open(f"/proc/{p}/{file}"):
+            if l.startswith(field):
                 t += int(l.split()[1])
     return t
 
+def rss(pids):
+    """VmRSS in KiB."""
+    return kib(pids, "status", "VmRSS:")
+
 def pss(pids):
-    """Pss in KiB from smaps_rollup, summed over pids: shared pages (libc, a binary two
-    processes map) count by the share each process has, so it is what the host pays."""
-    t = 0
-    for p in pids:
-        for l in open(f"/proc/{p}/smaps_rollup"):
-            if l.startswith("Pss:"):
-                t += int(l.split()[1])
-    return t
+    """Pss in KiB from smaps_rollup: shared pages (libc, a binary two processes map) count
+    by the share each process has, so it is what the host pays."""
+    return kib(pids, "smaps_rollup", "Pss:")
 
 def get(port, path):
     s = socket.create_connection(("127.0.0.1", port), timeout=2)

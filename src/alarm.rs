@@ -57,7 +57,8 @@ impl Alarm {
     }
 
     /// Whether the timerfd is in use (false: tokio's timer is).
-    pub fn is_timerfd(&self) -> bool {
+    #[cfg(test)]
+    fn is_timerfd(&self) -> bool {
         self.fd.is_some()
     }
 
