@@ -102,11 +102,12 @@ fn config_error(e: &ConfigError) {
 /// The runtime of the agent, the runner and `vigil check`: one thread runs every task.
 ///
 /// Their async work is small (probes that can block go to the blocking pool), so more
-/// threads only add wake-ups between them. A multi-threaded runtime with one worker also
-/// parked the main thread and kept libm's pages resident (its scheduler statistics call
-/// `pow` after every batch of tasks); this one does neither. Measured with benches/side-by-side.sh and side by side on one cluster:
-/// idle CPU and /health throughput the same as one worker, RSS about 200 KiB lower
-/// (one thread and libm's pages fewer).
+/// threads only add wake-ups between them: two workers against one measured idle CPU
+/// 0.017 against 0.010 s/min and /health 56,600 against 63,800 req/s (benches/
+/// side-by-side.sh, PHASES=vigil). One worker still parked the main thread and kept
+/// libm's pages resident (its scheduler statistics call `pow` after every batch of
+/// tasks); this runtime does neither, for about 200 KiB less RSS at the same idle CPU
+/// and throughput, measured side by side on one cluster.
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     tokio::runtime::Builder::new_current_thread()
         // Blocking probes (statvfs, pidfile reads) are short; a small pool bounds the threads
@@ -139,9 +140,6 @@ fn agent(flag: Option<&Path>) -> u8 {
             return exit::CONFIG;
         }
     };
-    // One thread, not two workers: benches/side-by-side.sh (PHASES=vigil, IDLE_SECS=180)
-    // measured idle CPU 0.010 s/min against 0.017 and /health 63,800 req/s against 56,600
-    // (on two cores wrk needs the other one).
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
