@@ -353,6 +353,82 @@ done
     { echo "standby is not streaming:" >&2; tail -20 "$work/standby.log" >&2; exit 1; }
 echo "pair up, standby streaming; $(as_pg pgbackrest --config="$pgbr_conf" --stanza=main info | grep -c 'full backup') full backup in the repository"
 
+# The agent's configuration: the full host, PostgreSQL and backup check set, on both
+# servers of the pair.
+vport=$(free_port)
+pdsn="host=$work/run-primary port=$pport user=postgres dbname=postgres"
+sdsn="host=$work/run-standby port=$sport user=postgres dbname=postgres"
+pgdir 755 "$work/vigil-state"
+cat > "$work/vigil.toml" <<EOF
+[agent]
+state_dir = "$work/vigil-state"
+interval = "15s"
+
+[api]
+listen = "127.0.0.1:$vport"
+admin_socket = "$work/vigil-admin.sock"
+
+[log]
+level = "warn"
+
+[check.disk.root]
+path = "/"
+
+# Loose load thresholds: this measures cost, and a build machine's load must not turn
+# /health into a 503 (which would time the wrong path).
+[check.system.host]
+warn = 50.0
+crit = 100.0
+
+[check.process.postgres]
+pidfile = "$work/primary/postmaster.pid"
+min = 1
+max = 1
+
+[check.kernel.kernel]
+deny = []
+
+[check.postgres.up.pg-up]
+dsn = "$pdsn"
+
+[check.postgres.replication.pg-replication]
+dsn = "$pdsn"
+min_standbys = 1
+
+[check.postgres.slots.pg-slots]
+dsn = "$pdsn"
+
+[check.postgres.archiving.pg-archiving]
+dsn = "$pdsn"
+
+[check.postgres.connections.pg-connections]
+dsn = "$pdsn"
+
+[check.postgres.wraparound.pg-wraparound]
+dsn = "$pdsn"
+
+[check.postgres.long_transactions.pg-long-transactions]
+dsn = "$pdsn"
+
+[check.postgres.replication.pg-standby-replication]
+dsn = "$sdsn"
+
+# At the kind's default interval (5 minutes), as monit's "every 20 cycles" below.
+[check.backup.pgbackrest.pgbackrest]
+stanza = "main"
+config = "$pgbr_conf"
+EOF
+chown postgres: "$work/vigil.toml"
+as_pg "$bin" config check -c "$work/vigil.toml" >/dev/null
+
+# SBS_HOOK=CMD: run CMD against the pair instead of the comparison, then stop the pair
+# (benches/hot-text.sh profiles the agent this way). CMD finds the pair in SBS_WORK: the
+# agent's config in vigil.toml, the servers' sockets in run-primary and run-standby.
+if [ -n "${SBS_HOOK:-}" ]; then
+    SBS_WORK=$work "$SBS_HOOK"
+    exit
+fi
+
 pm_pids() { head -1 "$work/primary/postmaster.pid"; head -1 "$work/standby/postmaster.pid"; }
 # Cluster CPU: both postmasters, their live children, and (cutime/cstime) every backend,
 # archiver run and walsender already reaped.
@@ -531,71 +607,6 @@ idle baseline
 
 # --- vigil
 if want vigil; then
-vport=$(free_port)
-pdsn="host=$work/run-primary port=$pport user=postgres dbname=postgres"
-sdsn="host=$work/run-standby port=$sport user=postgres dbname=postgres"
-pgdir 755 "$work/vigil-state"
-cat > "$work/vigil.toml" <<EOF
-[agent]
-state_dir = "$work/vigil-state"
-interval = "15s"
-
-[api]
-listen = "127.0.0.1:$vport"
-admin_socket = "$work/vigil-admin.sock"
-
-[log]
-level = "warn"
-
-[check.disk.root]
-path = "/"
-
-# Loose load thresholds: this measures cost, and a build machine's load must not turn
-# /health into a 503 (which would time the wrong path).
-[check.system.host]
-warn = 50.0
-crit = 100.0
-
-[check.process.postgres]
-pidfile = "$work/primary/postmaster.pid"
-min = 1
-max = 1
-
-[check.kernel.kernel]
-deny = []
-
-[check.postgres.up.pg-up]
-dsn = "$pdsn"
-
-[check.postgres.replication.pg-replication]
-dsn = "$pdsn"
-min_standbys = 1
-
-[check.postgres.slots.pg-slots]
-dsn = "$pdsn"
-
-[check.postgres.archiving.pg-archiving]
-dsn = "$pdsn"
-
-[check.postgres.connections.pg-connections]
-dsn = "$pdsn"
-
-[check.postgres.wraparound.pg-wraparound]
-dsn = "$pdsn"
-
-[check.postgres.long_transactions.pg-long-transactions]
-dsn = "$pdsn"
-
-[check.postgres.replication.pg-standby-replication]
-dsn = "$sdsn"
-
-# At the kind's default interval (5 minutes), as monit's "every 20 cycles" below.
-[check.backup.pgbackrest.pgbackrest]
-stanza = "main"
-config = "$pgbr_conf"
-EOF
-chown postgres: "$work/vigil.toml"
-as_pg "$bin" config check -c "$work/vigil.toml" >/dev/null
 echo "phase vigil: $bin agent on 127.0.0.1:$vport"
 launch vigil "{\"pids\": \"$work/pids\", \"home\": \"$work\", \"daemons\": [
   {\"name\": \"vigil\", \"argv\": [\"$bin\", \"agent\", \"-c\", \"$work/vigil.toml\"], \"log\": \"$work/vigil.log\"}],
