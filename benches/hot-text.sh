@@ -30,11 +30,11 @@ PASSES=${PASSES:-3}
 target=$PWD/target/hot-text
 bin=$target/release/vigil
 
-# A release build with symbols, laid out by the current src/hot-text.ld: its symbol
-# names are what the patterns are made from.
+# The release build, laid out by the current src/hot-text.ld, with its symbols: their
+# names are what the patterns are made from. VIGIL_KEEP_SYMBOLS only drops the linker's
+# --strip-all (src/build.rs); any profile change would rename the functions LTO merges.
 build() {
-    CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --quiet --bin vigil \
-        --target-dir "$target"
+    VIGIL_KEEP_SYMBOLS=1 cargo build --release --quiet --bin vigil --target-dir "$target"
 }
 
 if [ -z "${SBS_WORK:-}" ]; then
@@ -145,7 +145,7 @@ def add(sym):
         pats.append(p)
 # The current file's patterns stay, in their order (a pass only adds).
 for line in open(old):
-    m = re.match(r"\s*\*\((\S+)\)$", line)
+    m = re.match(r"\s*\*\((\S+)\)$", line)  # the fixed ones are re-added below
     if m and sys.argv[2] != "--fresh":
         seen.add(m.group(1)); pats.append(m.group(1))
 for src in sys.argv[3:]:
@@ -153,8 +153,19 @@ for src in sys.argv[3:]:
         add(sym)
 head = [l for l in open(old) if l.startswith("/*") or l.startswith(" *")]
 print("".join(head), end="")
-print("SECTIONS {\n  .text.hot : {")
-for p in pats:
+# Kept whatever the profile saw. The C start-up code (_start, frame_dummy, _init) runs
+# once, but its objects put it in plain .text and .init, which no function's pattern
+# matches: left where the linker puts them, they mapped a folio at each end of the cold
+# text. Lock slow paths run only under contention, which a profile may not meet; all of
+# them are a few KiB.
+crt = ["Scrt1.o", "crti.o", "crtbeginS.o", "crtendS.o", "crtn.o"]
+locks = [".text.*parking_lot*", ".text.*futex*", ".text.*4park*", ".text.*Condvar*",
+         ".text.*5mutex*"]
+pats = [p for p in pats if p not in locks]
+print("SECTIONS {\n  .init : { KEEP(*(SORT_NONE(.init))) }\n  .text.hot : {")
+for o in crt:
+    print(f"    *{o}(.text .text.*)")
+for p in locks + pats:
     print(f"    *({p})")
 print("  }\n} INSERT BEFORE .text;")
 print(f"patterns: {len(pats)}", file=sys.stderr)
@@ -181,30 +192,33 @@ for pass in $(seq 2 "$PASSES"); do
     workload "$(agent_pid)"
     wait "$perf_pid"
     # The faults in .text (the cold rest) whose instruction is there too: a function
-    # the layout left cold. perf's addresses are the mapping's; _start fixes the bias.
-    perf script -i "$d/faults.data" --no-demangle -F addr,ip,sym,dso 2>/dev/null |
-        python3 -c '
+    # the layout left cold. perf's addresses are the mapping's: the mapping of the
+    # binary's first page gives the load address.
+    perf script -i "$d/faults.data" --no-demangle --show-mmap-events -F addr,ip,sym,dso \
+        2>/dev/null | python3 -c '
 import re, subprocess, sys
-binp = sys.argv[1]
+binp, exe = sys.argv[1], sys.argv[2]
 secs = {}
 for l in subprocess.run(["readelf", "-SW", binp], capture_output=True, text=True).stdout.splitlines():
     m = re.match(r"\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", l)
     if m:
         secs[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
-start = next(int(l.split()[0], 16) for l in subprocess.run(["nm", binp], capture_output=True,
-             text=True).stdout.splitlines() if l.endswith(" _start"))
 lo, size = secs[".text"]
 bias, cold = None, set()
 for l in sys.stdin:
-    m = re.match(r"\s*([0-9a-f]+)\s+.*\((\S+)\)\s+([0-9a-f]+)\s+(\S+)\s+\((\S+)\)\s*$", l)
-    if not m or not m.group(5).endswith("/vigil"):
+    m = re.search(r"MMAP2? .*\[(0x[0-9a-f]+)\(0x[0-9a-f]+\) @ (?:0|0x0) .*\]: r\S+ (\S+)$", l)
+    if m and m.group(2) == exe and bias is None:
+        bias = int(m.group(1), 16)
         continue
-    if m.group(4) == "_start" and bias is None:
-        bias = int(m.group(3), 16) - start
-    if bias is not None and lo <= int(m.group(1), 16) - bias < lo + size:
+    m = re.match(r"\s*([0-9a-f]+)\s+.*\((\S+)\)\s+([0-9a-f]+)\s+(\S+)\s+\((\S+)\)\s*$", l)
+    if not m or m.group(5) != exe or bias is None:
+        continue
+    if lo <= int(m.group(1), 16) - bias < lo + size:
         cold.add(m.group(4))
+if bias is None:
+    sys.exit("hot-text: no mapping of " + exe + " in the perf data")
 print("\n".join(sorted(cold)))
-' "$bin" > "$d/cold-$pass.txt"
+' "$bin" "$d/vigil" > "$d/cold-$pass.txt"
     n=$(grep -c . "$d/cold-$pass.txt" || true)
     echo "hot-text: pass $pass: $n functions faulted outside .text.hot"
     [ "$n" -eq 0 ] && break
