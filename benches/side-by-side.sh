@@ -34,7 +34,8 @@
 #                compare with it (a python client would add its own interpreter's latency);
 #   throughput   wrk -t2 -c16 -d10s on the health endpoint (or the cheapest page);
 #   first 200    python: fork, setuid postgres, exec; then a GET every 1 ms until a 200;
-#   binary       file size of the release vigil (stripped by the profile) and of the peers.
+#   binary       file size of the release vigil (stripped by the linker: src/build.rs) and
+#                of the peers.
 #
 # Usage (root; installs nothing: postgresql-15 pgbackrest prometheus-node-exporter
 #        prometheus-postgres-exporter monit wrk curl python3 must be there):
