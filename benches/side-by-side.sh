@@ -34,6 +34,8 @@
 #                compare with it (a python client would add its own interpreter's latency);
 #   throughput   wrk -t2 -c16 -d10s on the health endpoint (or the cheapest page);
 #   first 200    python: fork, setuid postgres, exec; then a GET every 1 ms until a 200;
+#                the median of START_TRIALS (5) starts, each but the last stopped again
+#                (SIGTERM) once timed: a single start swings with the machine;
 #   binary       file size of the release vigil (stripped by the linker: src/build.rs) and
 #                of the peers.
 #
@@ -56,6 +58,7 @@ PHASES=${PHASES:-vigil exporters monit}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 WARM_SECS=${WARM_SECS:-20}
 LAT_SECS=${LAT_SECS:-5}
+START_TRIALS=${START_TRIALS:-5}
 RESULTS=${RESULTS:-/tmp/vigil-side-by-side-$(date -u +%Y%m%dT%H%M%SZ).txt}
 # shellcheck source=benches/pg-server.sh
 . benches/pg-server.sh
@@ -114,6 +117,7 @@ raw() { echo "$*" >> "$RESULTS"; }
 : > "$RESULTS"
 raw "# vigil side-by-side $(date -u +%FT%TZ) on $(hostname), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 raw "IDLE_SECS=$IDLE_SECS"; raw "WARM_SECS=$WARM_SECS"; raw "LAT_SECS=$LAT_SECS"
+raw "START_TRIALS=$START_TRIALS"
 
 # The agent runs from the temp dir: the postgres user may not traverse the checkout.
 install -m 755 "$bin_src" "$work/vigil"
@@ -121,7 +125,7 @@ bin=$work/vigil
 
 # ---------------------------------------------------------------- helpers (python) ----
 cat > "$work/h.py" <<'PY'
-import json, os, pwd, socket, subprocess, sys, time
+import json, os, pwd, signal, socket, subprocess, sys, time
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -149,6 +153,7 @@ def ticks(pid):
     return sum(int(x) for x in f[11:15])
 
 CGROUPS = os.environ.get("SBS_CGROUPS", "")
+START_TRIALS = max(1, int(os.environ.get("START_TRIALS", "5")))
 
 def cgroup_usage(pid):
     """CPU seconds from the cgroup launch() put pid in, or None (no cgroup for it)."""
@@ -216,13 +221,10 @@ def get(port, path):
     finally:
         s.close()
 
-def launch(spec_file):
+def start(spec):
     """Starts every daemon of a phase at one instant (setuid postgres between fork and
-    exec, no runuser in the timing), then polls each URL every 1 ms; prints one line per
-    URL: `first200 NAME MS` (or `first200 NAME none`) and `pid NAME PID` per daemon."""
-    spec = json.load(open(spec_file))
-    prefix = os.path.basename(os.path.dirname(os.path.abspath(spec_file)))
-    peer = os.path.basename(spec_file).rsplit(".", 1)[0]
+    exec, no runuser in the timing), then polls each URL every 1 ms until a 200: returns
+    the processes and the milliseconds to each URL's first 200."""
     pw = pwd.getpwnam("postgres")
     procs = {}
     t0 = time.perf_counter()
@@ -231,12 +233,11 @@ def launch(spec_file):
         env.update(d.get("env", {}))
         p = subprocess.Popen(d["argv"], env=env, cwd=spec["home"], user=pw.pw_uid,
                              group=pw.pw_gid, extra_groups=[], stdin=subprocess.DEVNULL,
-                             stdout=open(d["log"], "w"), stderr=subprocess.STDOUT,
+                             stdout=open(d["log"], "a"), stderr=subprocess.STDOUT,
                              start_new_session=True)
         procs[d["name"]] = p
         with open(spec["pids"], "a") as f:  # at once, for the cleanup trap
             f.write(f"{p.pid}\n")
-    t_exec = {n: t0 for n in procs}
     pending = list(spec["probes"])  # [name, port, path]
     done = {}
     deadline = t0 + spec.get("timeout", 30)
@@ -250,6 +251,44 @@ def launch(spec_file):
             except (OSError, ValueError, IndexError):
                 pass
         time.sleep(0.001)
+    return procs, done
+
+def stop(spec, procs):
+    """SIGTERM to each daemon's session (what it forked too), SIGKILL after 10 s; the pids
+    leave the cleanup list once reaped, since they may be reused."""
+    for p in procs.values():
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs.values():
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    gone = {str(p.pid) for p in procs.values()}
+    with open(spec["pids"]) as f:
+        keep = [l for l in f if l.strip() not in gone]
+    with open(spec["pids"], "w") as f:
+        f.writelines(keep)
+
+def launch(spec_file):
+    """Starts the phase's daemons START_TRIALS times, stopping all but the last start:
+    one start's time swings with whatever else the machine does in those milliseconds
+    (8 to 16 ms for the same build in two runs), so the figure is the median. Prints
+    `first200 NAME MS` (the median; `none` if any start missed), `first200_trials NAME
+    MS,MS,...` per URL and `pid NAME PID` per daemon of the start that stays."""
+    spec = json.load(open(spec_file))
+    prefix = os.path.basename(os.path.dirname(os.path.abspath(spec_file)))
+    peer = os.path.basename(spec_file).rsplit(".", 1)[0]
+    trials = {name: [] for name, _, _ in spec["probes"]}
+    for n in range(START_TRIALS):
+        procs, done = start(spec)
+        for name in trials:
+            trials[name].append(done.get(name))
+        if n < START_TRIALS - 1:
+            stop(spec, procs)
     # Each daemon into a cgroup of its own, now that the first 200s are timed: a move
     # waits for an RCU grace period (11 ms measured) during which the daemon cannot
     # start threads, which would count in its start-up time. What it forked before the
@@ -268,8 +307,11 @@ def launch(spec_file):
                 pass
     for name, p in procs.items():
         print(f"pid {name} {p.pid}")
-    for name, _, _ in spec["probes"]:
-        print(f"first200 {name} " + (f"{done[name]:.2f}" if name in done else "none"))
+    for name, ts in trials.items():
+        ok = sorted(t for t in ts if t is not None)
+        med = f"{ok[len(ok) // 2]:.2f}" if len(ok) == len(ts) else "none"
+        print(f"first200 {name} {med}")
+        print(f"first200_trials {name} " + ",".join(f"{t:.2f}" if t is not None else "none" for t in ts))
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
@@ -285,7 +327,7 @@ if __name__ == "__main__":
     elif cmd == "now":
         print(f"{time.time():.3f}")
 PY
-h() { SBS_CGROUPS="$work/cgroups.json" python3 "$work/h.py" "$@"; }
+h() { SBS_CGROUPS="$work/cgroups.json" START_TRIALS=$START_TRIALS python3 "$work/h.py" "$@"; }
 
 # ------------------------------------------------ PostgreSQL 15 pair + pgBackRest ----
 pgdir 700 "$work/primary" "$work/standby"
@@ -570,6 +612,7 @@ launch() {
         case $k in
             pid) PIDS+=("$v") NAMES+=("$name"); record "$peer.pid.$name" "$v" ;;
             first200) record "$peer.first200_ms.$name" "$v" ;;
+            first200_trials) record "$peer.first200_trials_ms.$name" "$v" ;;
         esac
     done <<< "$out"
     if grep -qs "\"${PIDS[0]:-none}\"" "$work/cgroups.json"; then
@@ -818,9 +861,11 @@ print(f"""Notes ({head}):
   process good to about ±{tick:.3f} s per minute at IDLE_SECS={R.get('IDLE_SECS')}; with some 15
   processes the cluster is good to several times that, so a small or negative "caused"
   is noise; a longer IDLE_SECS narrows it.
+- exec → first 200 is the median of {R.get('START_TRIALS')} starts, each but the last stopped once
+  timed; every start's time is in the raw numbers (*.first200_trials_ms.*).
 - node+pg exporters: RSS, CPU and binary size are sums; /metrics latency is the sum of
   both scrapes (Prometheus needs both for the data vigil serves in one); first 200 is the
-  later of the two (started at the same instant); the health row is the faster of their
+  later of the two medians (started at the same instant); the health row is the faster of their
   landing pages `/` (neither has a health endpoint).
 - monit has no /metrics: its latency rows are its status page `/_status?format=xml`, its
   health row is `/_status`, its first 200 is `/_status?format=xml` on its httpd.
