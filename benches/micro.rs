@@ -8,7 +8,9 @@
 //! - `verify/one` and `verify/batch_64`: the receiver's parse + key id + digest + Ed25519
 //!   check, one at a time and in a batch of 64 (per heartbeat);
 //! - `spool/append_fsync`: one heartbeat appended to the spool, durable;
-//! - `perfdata/parse`: a multi-line plugin output.
+//! - `perfdata/parse`: a multi-line plugin output;
+//! - `metrics/render_13`: the `/metrics` page of 13 checks with 100 kind metrics, about
+//!   the 320 lines an agent with the full host + PostgreSQL + backup set serves.
 //!
 //! ```text
 //! cargo bench --bench micro                       # everything
@@ -20,17 +22,20 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 use indexmap::IndexMap;
-use vigil::checks::CheckContext;
 use vigil::checks::perfdata::parse_plugin_output;
+use vigil::checks::{CheckContext, Metric};
+use vigil::heartbeat::delivery::StatusView;
 use vigil::heartbeat::document::{Heartbeat, HostIdentity};
 use vigil::heartbeat::keys::HeartbeatKey;
 use vigil::heartbeat::sign::{self, Received};
 use vigil::heartbeat::spool::Spool;
+use vigil::http::metrics::render;
 
 #[path = "../examples/common/snapshot.rs"]
 mod common_snapshot;
@@ -236,9 +241,62 @@ fn perfdata(c: &mut Criterion) {
     });
 }
 
+/// What a scrape renders: `snapshot(13)` with the shape of the full check set's kind
+/// metrics (per check a few gauges and a counter, one with a label per sample), and
+/// heartbeat delivery on.
+fn metrics(c: &mut Criterion) {
+    let mut snap = snapshot(13);
+    const NAMES: [&str; 8] = [
+        "vigil_bench_a_ratio",
+        "vigil_bench_b_bytes",
+        "vigil_bench_c_seconds",
+        "vigil_bench_d_ratio",
+        "vigil_bench_e_bytes",
+        "vigil_bench_f_seconds",
+        "vigil_bench_g",
+        "vigil_bench_h",
+    ];
+    snap.checks = snap
+        .checks
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut v = (**v).clone();
+            v.metrics = NAMES
+                .iter()
+                .map(|n| {
+                    Metric::gauge(
+                        n,
+                        "A kind metric's help, as long as the real ones.",
+                        i as f64,
+                    )
+                    .label("mountpoint", format!("/var/lib/postgresql/{i}"))
+                })
+                .collect();
+            v.metrics.push(Metric::counter(
+                "vigil_bench_events_total",
+                "A kind counter.",
+                7.0,
+            ));
+            Arc::new(v)
+        })
+        .collect();
+    let hb = StatusView {
+        enabled: true,
+        ..StatusView::default()
+    };
+    let page = render(&snap, &hb, None);
+    let mut group = c.benchmark_group("metrics");
+    group.throughput(Throughput::Bytes(page.len() as u64));
+    group.bench_function("render_13", |b| {
+        b.iter(|| black_box(render(black_box(&snap), &hb, None)));
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = checks, heartbeat, verify, spool, perfdata
+    targets = checks, heartbeat, verify, spool, perfdata, metrics
 }
 criterion_main!(benches);
